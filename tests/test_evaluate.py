@@ -1,0 +1,319 @@
+"""Feature networks, FID/IS over every sample source, cached reference statistics, neighbours."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from ncsn_tf import evaluate, inception, metrics, presets
+
+UNREACHABLE = "http://127.0.0.1:1/unreachable"  # connection refused at once, even when online
+
+
+def smooth_images(n, shift=0.0, seed=0, size=16):
+    """A distribution of images: random mixtures of 4 smooth patterns plus pixel noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.meshgrid(np.linspace(0, 1, size), np.linspace(0, 1, size), indexing="ij")
+    patterns = np.stack([np.sin(2 * np.pi * (a * xx + b * yy)) for a, b in
+                         [(1, 0), (0, 1), (1, 1), (2, 1)]])
+    coefficients = rng.normal(size=(n, 4, 3)) * 0.15
+    images = (0.5 + shift + np.einsum("nkc,khw->nhwc", coefficients, patterns)
+              + rng.normal(size=(n, size, size, 3)) * 0.05)
+    return np.clip(images, 0, 1).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def net():
+    return inception.random_test_network()
+
+
+@pytest.fixture(scope="module")
+def reference(net):
+    mu, sigma, count = evaluate.dataset_statistics(smooth_images(400, seed=1), net)
+    assert count == 400
+    return mu, sigma
+
+
+# --- feature networks -------------------------------------------------------------------------
+
+def test_random_network_is_seeded_and_labelled_as_not_inception(net):
+    images = smooth_images(4)
+    features, logits = net(images)
+    assert features.shape == (4, 128) and logits.shape == (4, 10)
+    np.testing.assert_array_equal(features, inception.random_test_network(seed=0)(images)[0])
+    assert not np.allclose(features, inception.random_test_network(seed=1)(images)[0])
+    assert "NOT Inception" in net.name
+
+
+def test_float_grey_and_uint8_inputs_give_the_same_features(net):
+    uint8 = np.random.default_rng(0).integers(0, 256, size=(3, 8, 8, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(net(uint8)[0], net(uint8 / 255.0)[0])
+    grey = uint8[..., :1]
+    np.testing.assert_array_equal(net(grey)[0], net(np.repeat(grey, 3, axis=-1))[0])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        net(uint8 / 127.5 - 1.0)
+    with pytest.raises(ValueError, match="1 or 3"):
+        net(np.zeros((2, 8, 8, 4), np.uint8))
+
+
+def test_unknown_network_spec_lists_the_choices():
+    with pytest.raises(ValueError, match="tfgan:PATH"):
+        inception.load_feature_network("inception-v9")
+
+
+def test_tfgan_inception_offline_fails_fast_with_instructions(monkeypatch, tmp_path):
+    monkeypatch.setattr(inception, "TFGAN_INCEPTION_URL", UNREACHABLE)
+    start = time.perf_counter()
+    with pytest.raises(inception.FeatureNetworkUnavailable) as error:
+        inception.load_feature_network("tfgan", cache_dir=str(tmp_path))
+    assert time.perf_counter() - start < 10
+    message = str(error.value)
+    assert "tf-hub-format=compressed" in message and "--inception=tfgan:" in message
+    assert str(tmp_path / "tfgan_eval_inception_1") in message
+    assert os.listdir(tmp_path) == []  # no partial download left behind
+    with pytest.raises(inception.FeatureNetworkUnavailable, match="saved_model.pb"):
+        inception.load_feature_network(f"tfgan:{tmp_path / 'nothing here'}")
+
+
+def test_keras_inception_offline_fails_fast_with_instructions(monkeypatch, tmp_path):
+    monkeypatch.setattr(inception, "KERAS_INCEPTION_URL", UNREACHABLE)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    with pytest.raises(inception.FeatureNetworkUnavailable) as error:
+        inception.load_feature_network("keras")
+    assert "--inception=keras:" in str(error.value)
+    assert str(tmp_path / "models") in str(error.value)
+    with pytest.raises(inception.FeatureNetworkUnavailable, match="No InceptionV3 weights"):
+        inception.load_feature_network(f"keras:{tmp_path / 'missing.h5'}")
+
+
+class _FakeInception(tf.Module):
+    """Stands in for the TF-GAN module: reports what it was fed (range, size) as its pool_3."""
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+    def __call__(self, x):
+        shape = tf.shape(x)
+        seen = tf.stack([tf.reduce_min(x, [1, 2, 3]), tf.reduce_max(x, [1, 2, 3]),
+                         tf.cast(tf.fill([shape[0]], shape[1]), tf.float32),
+                         tf.cast(tf.fill([shape[0]], shape[2]), tf.float32)], axis=1)
+        return {"pool_3": tf.reshape(seen, [-1, 1, 1, 4]), "logits": tf.ones([shape[0], 1008])}
+
+
+@pytest.mark.parametrize("as_signature", [False, True])
+def test_tfgan_inception_feeds_299px_images_in_minus_one_one(tmp_path, as_signature):
+    module = _FakeInception()
+    if as_signature:  # TF1-style export: only a 'default' signature, the object is not callable
+        tf.saved_model.save(tf.Module(), str(tmp_path),
+                            signatures={"default": module.__call__.get_concrete_function()})
+    else:
+        tf.saved_model.save(module, str(tmp_path))
+    net = inception.load_feature_network(f"tfgan:{tmp_path}")
+    images = np.zeros((2, 32, 32, 3), np.uint8)
+    images[0] = 255
+    images[1, :16] = 51  # 51 / 127.5 - 1 = -0.6
+    features, logits = net(images)
+    np.testing.assert_allclose(features, [[1, 1, 299, 299], [-1, -0.6, 299, 299]], atol=1e-6)
+    assert logits.shape == (2, 1008)
+    assert "tfgan" in net.name and str(tmp_path) not in net.name  # the name is portable
+
+
+def test_keras_inception_loads_a_weights_file_and_returns_pool_and_logits(tmp_path):
+    import keras
+
+    model = keras.applications.InceptionV3(weights=None, classifier_activation=None)
+    weights = str(tmp_path / "random.weights.h5")
+    model.save_weights(weights)
+    net = inception.load_feature_network(f"keras:{weights}")
+    images = np.random.default_rng(0).integers(0, 256, size=(1, 32, 32, 3), dtype=np.uint8)
+    features, logits = net(images)
+    resized = tf.image.resize(tf.cast(images, tf.float32), [299, 299], method="bilinear")
+    expected = model(keras.applications.inception_v3.preprocess_input(resized)).numpy()
+    assert features.shape == (1, 2048)
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-6)
+    assert "random.weights.h5" in net.name  # not claimed to be the ImageNet weights
+
+
+# --- FID / IS ---------------------------------------------------------------------------------
+
+def test_fid_grows_with_the_distribution_shift(net, reference):
+    fids = [evaluate.compute_fid_is(smooth_images(400, shift, seed=2), net, reference)["fid"]
+            for shift in (0.0, 0.05, 0.1, 0.2, 0.4)]
+    assert fids[0] < 0.1 * fids[2]
+    assert all(a < b for a, b in zip(fids, fids[1:])), fids
+
+
+def test_inception_score_of_random_network_matches_its_logits(net, reference):
+    images = smooth_images(100, seed=3)
+    result = evaluate.compute_fid_is(images, net, reference, batch_size=30)
+    expected = metrics.inception_score(net(images)[1], splits=10)
+    assert 1.0 <= result["inception_score"] <= 10.0
+    assert result["inception_score"] == pytest.approx(expected[0], rel=1e-6)
+    assert result["inception_score_std"] == pytest.approx(expected[1], rel=1e-5, abs=1e-9)
+    assert result["network"] == net.name and result["num_images"] == 100
+
+
+def test_every_sample_source_gives_the_same_scores(net, reference, tmp_path):
+    images = smooth_images(60, seed=4)
+    uint8 = np.round(images * 255).astype(np.uint8)
+    np.savez(tmp_path / "nhwc.npz", samples=uint8, other=np.zeros(3))
+    np.savez(tmp_path / "nchw.npz", uint8.transpose(0, 3, 1, 2))  # first array, NCHW
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, image in enumerate(uint8):
+        tf.io.write_file(str(folder / f"{i:03d}.png"), tf.io.encode_png(image))
+
+    def generator():
+        for i in range(0, 60, 25):
+            yield images[i:i + 25]
+
+    sources = [images, str(tmp_path / "nhwc.npz"), str(tmp_path / "nchw.npz"), str(folder),
+               tf.data.Dataset.from_tensor_slices((images, np.zeros(60))).batch(16), generator()]
+    results = [evaluate.compute_fid_is(s, net, reference, batch_size=20, splits=5) for s in sources]
+    for result in results[1:]:
+        assert result["num_images"] == 60
+        assert result["fid"] == pytest.approx(results[0]["fid"], rel=1e-6)
+        assert result["inception_score"] == pytest.approx(results[0]["inception_score"], rel=1e-6)
+
+
+def test_a_folder_of_images_of_different_sizes_is_refused(net, reference, tmp_path):
+    tf.io.write_file(str(tmp_path / "a.png"), tf.io.encode_png(np.zeros((8, 8, 3), np.uint8)))
+    tf.io.write_file(str(tmp_path / "b.png"), tf.io.encode_png(np.zeros((9, 8, 3), np.uint8)))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="differ in size"):
+        evaluate.compute_fid_is(str(tmp_path), net, reference)
+
+
+def test_max_images_and_reference_statistics_by_path(net, reference, tmp_path):
+    path = str(tmp_path / "ref.npz")
+    metrics.save_statistics(path, *reference, network=net.name, num_images=400)
+    images = smooth_images(50, seed=5)
+    limited = evaluate.compute_fid_is(images, net, path, batch_size=16, max_images=30)
+    direct = evaluate.compute_fid_is(images[:30], net, reference)
+    assert limited["num_images"] == 30 and limited["reference"] == path
+    assert limited["fid"] == pytest.approx(direct["fid"], rel=1e-6)
+    metrics.save_statistics(path, *reference, network="another network", num_images=400)
+    with pytest.raises(ValueError, match="another network"):
+        evaluate.compute_fid_is(images, net, path)
+
+
+def test_an_endless_dataset_needs_max_images(net, reference):
+    endless = tf.data.Dataset.from_tensor_slices(smooth_images(8)).batch(4).repeat()
+    with pytest.raises(ValueError, match="max_images"):
+        evaluate.compute_fid_is(endless, net, reference)
+    assert evaluate.compute_fid_is(endless, net, reference, max_images=20,
+                                   splits=2)["num_images"] == 20
+
+
+def test_reference_statistics_are_computed_once_then_read_from_the_cache(net, monkeypatch,
+                                                                         tmp_path):
+    images = smooth_images(90, seed=6)
+    calls = []
+
+    def load(config, split="train", *, training=True, batch_size=None, seed=0,
+             deterministic=False):
+        calls.append((config.data.dataset, split, training, batch_size))
+        return tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
+
+    monkeypatch.setattr(evaluate.data, "load", load)
+    config = presets.get("cifar10")
+    cache = str(tmp_path / "stats" / "cifar10_train.npz")
+
+    mu, sigma = evaluate.reference_statistics(config, net, cache, batch_size=32)
+    assert calls == [("cifar10", "train", False, 32)]
+    expected_mu, expected_sigma = metrics.statistics(net(images)[0])
+    np.testing.assert_allclose(mu, expected_mu, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(sigma, expected_sigma, rtol=1e-5, atol=1e-9)
+
+    cached_mu, cached_sigma = evaluate.reference_statistics(config, net, cache, batch_size=32)
+    assert len(calls) == 1  # read from the cache, the dataset is not touched again
+    np.testing.assert_array_equal(cached_mu, mu)
+    np.testing.assert_array_equal(cached_sigma, sigma)
+    with pytest.raises(ValueError, match="not of"):
+        evaluate.reference_statistics(config, inception.random_test_network(seed=1), cache)
+
+
+# --- nearest neighbours -----------------------------------------------------------------------
+
+def test_nearest_neighbors_in_pixels_match_brute_force_across_batches():
+    rng = np.random.default_rng(7)
+    train = rng.uniform(size=(25, 6, 6, 3)).astype(np.float32)
+    samples = np.stack([train[13], np.clip(train[3] + 0.01, 0, 1), rng.uniform(size=(6, 6, 3))])
+    found = evaluate.nearest_neighbors(samples, train, k=4, flip=False, batch_size=7)
+    distances = np.linalg.norm(samples.reshape(3, 1, -1) - train.reshape(1, 25, -1), axis=2)
+    expected = np.argsort(distances, axis=1)[:, :4]
+    np.testing.assert_array_equal(found.indices, expected)
+    np.testing.assert_allclose(found.distances, np.take_along_axis(distances, expected, 1),
+                               rtol=1e-5, atol=1e-6)
+    assert found.indices[0, 0] == 13 and found.distances[0, 0] == pytest.approx(0.0, abs=1e-5)
+    np.testing.assert_array_equal(found.images, train[expected])
+    assert found.space == "pixels"
+
+
+def test_nearest_neighbors_match_mirrored_samples_only_with_flip():
+    train = np.random.default_rng(8).integers(0, 256, size=(12, 5, 5, 1), dtype=np.uint8)
+    mirrored = train[[7]][:, :, ::-1]
+    with_flip = evaluate.nearest_neighbors(mirrored, train, k=1, flip=True, batch_size=5)
+    without = evaluate.nearest_neighbors(mirrored, train, k=1, flip=False, batch_size=5)
+    assert with_flip.indices[0, 0] == 7 and with_flip.distances[0, 0] == pytest.approx(0, abs=1e-6)
+    assert without.distances[0, 0] > 0.1
+
+
+def test_nearest_neighbors_in_feature_space(net):
+    train = smooth_images(20, seed=9)
+    found = evaluate.nearest_neighbors(train[[4, 11]], train, k=2, feature_net=net, batch_size=8)
+    np.testing.assert_array_equal(found.indices[:, 0], [4, 11])
+    np.testing.assert_allclose(found.distances[:, 0], 0.0, atol=1e-3)
+    assert found.space == net.name
+    with pytest.raises(ValueError, match="at least k"):
+        evaluate.nearest_neighbors(train[:1], train[:3], k=5)
+
+
+def test_neighbor_grid_png_places_samples_then_neighbours(tmp_path):
+    rng = np.random.default_rng(10)
+    samples = rng.uniform(size=(2, 4, 5, 3)).astype(np.float32)
+    neighbours = rng.uniform(size=(2, 3, 4, 5, 3)).astype(np.float32)
+    grid = evaluate.neighbor_grid(samples, neighbours, padding=1)
+    # Cells of 4x5 px, 1 px apart; 3 px between the sample column and the neighbours:
+    # rows start at y = 1, 6; columns at x = 1 | 9, 15, 21; total 11 x 27 px.
+    assert grid.shape == (11, 27, 3)
+
+    def uint8(x):
+        return np.round(x * 255).astype(np.uint8)
+
+    np.testing.assert_array_equal(grid[1:5, 1:6], uint8(samples[0]))
+    np.testing.assert_array_equal(grid[6:10, 1:6], uint8(samples[1]))
+    np.testing.assert_array_equal(grid[6:10, 9:14], uint8(neighbours[1, 0]))
+    np.testing.assert_array_equal(grid[1:5, 21:26], uint8(neighbours[0, 2]))
+    assert (grid[:, 6:9] == 255).all() and (grid[5] == 255).all()  # white gaps
+    path = str(tmp_path / "out" / "nn.png")
+    evaluate.save_png(path, grid)
+    np.testing.assert_array_equal(tf.io.decode_png(tf.io.read_file(path)).numpy(), grid)
+
+
+# --- command line -----------------------------------------------------------------------------
+
+def test_cli_computes_reference_statistics_fid_is_and_neighbours(net, tmp_path):
+    """End to end on the offline `digits` preset: statistics cached, JSON report, PNG grid."""
+    samples = str(tmp_path / "samples.npz")
+    np.savez(samples, samples=np.random.default_rng(11).uniform(size=(40, 16, 16, 1)))
+    stats, report, grid = (str(tmp_path / name) for name in ("ref.npz", "report.json", "nn.png"))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run(
+        [sys.executable, "-m", "ncsn_tf.evaluate", f"--samples={samples}", "--preset=digits",
+         "--inception=random-test", f"--ref_stats={stats}", "--splits=4", f"--report={report}",
+         "--nn_k=2", "--nn_samples=3", f"--nn_out={grid}"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    with open(report) as f:
+        assert json.load(f) == result
+    expected = evaluate.compute_fid_is(samples, net, stats, splits=4)  # refuses another network
+    assert result["fid"] == pytest.approx(expected["fid"], rel=1e-6)
+    assert result["inception_score"] == pytest.approx(expected["inception_score"], rel=1e-6)
+    assert result["network"] == net.name and result["reference"] == stats
+    assert result["nearest_neighbors"]["space"] == "pixels"
+    # 3 rows of (sample + 2 neighbours), 16 px cells, 2 px apart, 6 px after the samples.
+    assert tf.io.decode_png(tf.io.read_file(grid)).shape == (2 + 3 * 18, 2 + 6 + 3 * 18 - 2, 1)
