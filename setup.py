@@ -19,6 +19,7 @@ setup(
         "scipy",
         "scikit-learn",
         "pyyaml",
+        "importlib_resources",  # TFDS needs it to download datasets
     ],
     extras_require={
         # Exactly one TensorFlow distribution: pick `cpu` or `gpu`.
