@@ -1,0 +1,425 @@
+"""Annealed Langevin dynamics (Algorithm 1 of NCSNv2), inpainting and interpolation.
+
+`AnnealedLangevin` samples any score function `score_fn(x, labels) -> score`, where `labels`
+are int32 indices into `sigmas`; for a trained network that is
+`lambda x, labels: net(x, labels, training=False)`. Every run is one `tf.function` whose loop
+over noise levels and steps is a `tf.while_loop` in the graph, so the whole sampler exports as a
+single TF Serving signature.
+
+Randomness comes only from integer seeds, one per image: the noise of image n at Langevin step t
+is `stateless_normal(seed=(seeds[n], counter(t)))`. The same seed and settings therefore give
+bit-identical images, whatever else shares the batch, and a run split into chunks of noise
+levels (`init` → `run_levels` … → `finish`, e.g. behind a progress bar) is bit-identical to the
+one-graph `sample`.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+
+import tensorflow as tf
+
+ScoreFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+
+# Independent random streams per seed: a draw for Langevin step t of stream k uses the
+# stateless seed (seed, t * _NUM_STREAMS + k). The initial state uses step 0 of _INIT.
+_LANGEVIN, _KNOWN, _INIT = 0, 1, 2
+_NUM_STREAMS = 3
+
+_MASK_SHAPES = ("mask must have the image's height and width, and 1 or the image's batch size "
+                "and channels: [H, W, C], [H, W, 1], [N, H, W, C] or [N, H, W, 1]")
+
+DIAGNOSTICS = ("level", "step_size", "grad_norm", "image_norm", "snr", "grad_mean_norm")
+
+
+class AnnealedLangevin:
+    """Annealed Langevin dynamics with step size α_i = step_lr·σ_i²/σ_L² and T = n_steps_each.
+
+    Each step: z ~ N(0, I); x ← x + α_i·s(x, σ_i) + √(2α_i)·z. After the last level an optional
+    denoising step x ← x + σ_L²·s(x, σ_L) and, for images, clipping to [0, 1] (`clip=False` for
+    unbounded data). `shape` is the shape of one example, e.g. (32, 32, 3).
+
+    `sample`, `run_levels`, `inpaint` and `interpolate` return a dict: "samples" and, when
+    asked for at construction, "trajectory" (x after every `trajectory_every`-th global step,
+    [frames, N, ...]) and "diagnostics" (the official verbose numbers, one per step: see
+    `DIAGNOSTICS`). `n_steps_each` and `step_lr` may be overridden per call (numbers or scalar
+    tensors). Each method traces one graph for all batch sizes; it runs without XLA (as TF
+    Serving needs) unless `jit_compile=True`. XLA has its own stateless generator: under XLA a
+    seed gives other, equally reproducible, noise than without it. XLA cannot record a
+    trajectory.
+    """
+
+    def __init__(self, score_fn: ScoreFn, sigmas, shape: Sequence[int], *,
+                 n_steps_each: int = 5, step_lr: float = 6.2e-6, denoise: bool = True,
+                 clip: bool = True, trajectory_every: int = 0, diagnostics: bool = False,
+                 jit_compile: bool = False):
+        if n_steps_each < 1:
+            raise ValueError(f"n_steps_each must be >= 1, got {n_steps_each}")
+        if not step_lr > 0:
+            raise ValueError(f"step_lr must be > 0, got {step_lr}")
+        if trajectory_every < 0:
+            raise ValueError(f"trajectory_every must be >= 0 (0 = off), got {trajectory_every}")
+        if trajectory_every and jit_compile:
+            raise ValueError("trajectory_every needs jit_compile=False: XLA cannot build the "
+                             "trajectory's variable-length frame list")
+        if len(sigmas.shape) != 1 or sigmas.shape[0] is None or sigmas.shape[0] < 1:
+            raise ValueError(f"sigmas must be a non-empty vector, got shape {sigmas.shape}")
+        self.score_fn = score_fn
+        self.sigmas = sigmas
+        self.shape = tuple(int(d) for d in shape)
+        self.n_steps_each = n_steps_each
+        self.step_lr = step_lr
+        self.denoise = denoise
+        self.clip = clip
+        self.trajectory_every = trajectory_every
+        self.diagnostics = diagnostics
+        self.jit_compile = jit_compile
+        self._functions = {}
+
+    @classmethod
+    def from_config(cls, score_fn: ScoreFn, sigmas, config, **options) -> "AnnealedLangevin":
+        """A sampler with the settings of `config.sampling` and the shape of `config.data`.
+
+        `config.sampling.data_init` is the caller's to apply: pass the data to `sample`.
+        """
+        shape = (config.data.image_size, config.data.image_size, config.data.channels)
+        settings = dict(n_steps_each=config.sampling.n_steps_each,
+                        step_lr=config.sampling.step_lr, denoise=config.sampling.denoise)
+        return cls(score_fn, sigmas, shape, **{**settings, **options})
+
+    @property
+    def num_levels(self) -> int:
+        return int(self.sigmas.shape[0])
+
+    # ---- public API: converts the arguments and calls a graph function ----
+
+    def sample(self, seeds, data=None, *, n_steps_each=None, step_lr=None) -> dict:
+        """One example per seed, from U[0,1]^D or, given `data` [N, ...], from data + σ1·z."""
+        return self._call(self._sample_fn, _seeds(seeds), _optional(data),
+                          *self._settings(n_steps_each, step_lr))
+
+    def init(self, seeds, data=None) -> tf.Tensor:
+        """The initial state of `sample` (first part of a chunked run)."""
+        return self._call(self._init_fn, _seeds(seeds), _optional(data))
+
+    def run_levels(self, x, seeds, start_level, end_level, *, image=None, mask=None,
+                   n_steps_each=None, step_lr=None) -> dict:
+        """Langevin steps of noise levels [start_level, end_level) from state `x`.
+
+        A chunked run `x = init(seeds)`; `x = run_levels(x, seeds, a, b)["samples"]` over
+        consecutive ranges covering [0, num_levels); `finish(x)` gives exactly `sample(seeds)`.
+        With `image` and `mask` it continues an inpainting run (start from `init(seeds)` too).
+        """
+        return self._call(self._run_levels_fn, tf.convert_to_tensor(x, tf.float32),
+                          _seeds(seeds), tf.convert_to_tensor(start_level, tf.int32),
+                          tf.convert_to_tensor(end_level, tf.int32), *_image_and_mask(image, mask),
+                          *self._settings(n_steps_each, step_lr))
+
+    def finish(self, x, *, image=None, mask=None) -> tf.Tensor:
+        """Last part of a chunked run: denoise, put known pixels back (inpainting), clip."""
+        return self._call(self._finish_fn, tf.convert_to_tensor(x, tf.float32),
+                          *_image_and_mask(image, mask))
+
+    def inpaint(self, image, mask, seeds, *, n_steps_each=None, step_lr=None) -> dict:
+        """Fill the pixels where `mask` is 0, keeping those where it is 1.
+
+        `image` [N, H, W, C] in [0, 1]; `mask` of 0/1 with shape [N, H, W, C] or one that
+        broadcasts to it ([H, W, C], [H, W, 1], [N, H, W, 1], ...); one seed per image. At every
+        step the known pixels are set to image + σ_i·z; at the end they are restored exactly.
+        """
+        return self._call(self._inpaint_fn, *_image_and_mask(image, mask), _seeds(seeds),
+                          *self._settings(n_steps_each, step_lr))
+
+    def interpolate(self, seeds_a, seeds_b, n_interpolations: int, data=None, *,
+                    n_steps_each=None, step_lr=None) -> dict:
+        """Rows of `n_interpolations` samples that blend the noise of two seeds.
+
+        Row n starts every chain from the initial state of seeds_a[n]; at each step chain k uses
+        the noise cos(θ_k)·z_a + sin(θ_k)·z_b with θ_k evenly spaced in [0, π/2], so it stays
+        N(0, I) and chain 0 is exactly `sample(seeds_a)`. "samples" is [N, n_interpolations, ...].
+        """
+        if n_interpolations < 2:
+            raise ValueError(f"n_interpolations must be >= 2, got {n_interpolations}")
+        return self._call(functools.partial(self._interpolate_fn, n_interpolations),
+                          _seeds(seeds_a), _seeds(seeds_b), _optional(data),
+                          *self._settings(n_steps_each, step_lr))
+
+    # ---- graph functions ----
+
+    def _call(self, fn, *args):
+        """`fn(*args)` as a tf.function traced once for every batch size (args: tensors or None).
+
+        One trace per batch size would cost a retrace of the whole sampler each time, and lets
+        Grappler rewrite the arithmetic differently for different batch sizes, so an example's
+        result would depend (in the last bits) on how many others share its batch.
+        """
+        specs = tuple(None if a is None else tf.TensorSpec([None, *a.shape[1:]][:a.shape.rank],
+                                                           a.dtype) for a in args)
+        key = (getattr(fn, "func", fn).__name__, getattr(fn, "args", ()), specs)
+        if key not in self._functions:
+            def graph_fn(*tensors):
+                given = iter(tensors)
+                return fn(*(None if spec is None else next(given) for spec in specs))
+            self._functions[key] = tf.function(
+                graph_fn, input_signature=[spec for spec in specs if spec is not None],
+                jit_compile=self.jit_compile)
+        return self._functions[key](*(a for a in args if a is not None))
+
+    def _settings(self, n_steps_each, step_lr):
+        n = self.n_steps_each if n_steps_each is None else n_steps_each
+        lr = self.step_lr if step_lr is None else step_lr
+        return tf.convert_to_tensor(n, tf.int32), tf.convert_to_tensor(lr, tf.float32)
+
+    def _init_fn(self, seeds, data):
+        seeds = _check_seeds(seeds)
+        if data is None:
+            return _per_seed(tf.random.stateless_uniform, seeds, _INIT, self.shape)
+        data = self._check_examples(data, seeds, "data")
+        return data + self._sigmas()[0] * _per_seed(tf.random.stateless_normal, seeds, _INIT,
+                                                     self.shape)
+
+    def _finish_fn(self, x, image, mask):
+        if self.denoise:
+            sigmas = self._sigmas()
+            last = tf.fill(tf.shape(x)[:1], self.num_levels - 1)
+            x = x + tf.square(sigmas[-1]) * tf.cast(self.score_fn(x, last), x.dtype)
+        if mask is not None:
+            x = tf.where(_check_mask(image, mask) > 0.5, image, x)
+        return tf.clip_by_value(x, 0.0, 1.0) if self.clip else x
+
+    def _sample_fn(self, seeds, data, n_steps_each, step_lr):
+        x = self._init_fn(seeds, data)
+        out = self._run_levels_fn(x, seeds, 0, self.num_levels, None, None, n_steps_each,
+                                  step_lr)
+        out["samples"] = self._finish_fn(out["samples"], None, None)
+        return out
+
+    def _run_levels_fn(self, x, seeds, start_level, end_level, image, mask, n_steps_each,
+                       step_lr):
+        seeds = _check_seeds(seeds)
+        x = self._check_examples(x, seeds, "x")
+        levels_ok = (0 <= start_level) & (start_level <= end_level) & (
+            end_level <= self.num_levels)
+        start_level = _checked(start_level, tf.debugging.Assert(levels_ok, [
+            f"need 0 <= start_level <= end_level <= num_levels = {self.num_levels}, got",
+            start_level, end_level]))
+
+        def draw(step):
+            return _per_seed(tf.random.stateless_normal, seeds, _LANGEVIN, self.shape, step)
+
+        set_known = None
+        if mask is not None:
+            image = self._check_examples(image, seeds, "image")
+            set_known = functools.partial(_set_known, image, _check_mask(image, mask) > 0.5,
+                                          seeds, self.shape)
+        return self._anneal(x, start_level, end_level, n_steps_each, step_lr, draw, set_known)
+
+    def _inpaint_fn(self, image, mask, seeds, n_steps_each, step_lr):
+        x = self._init_fn(seeds, None)
+        out = self._run_levels_fn(x, seeds, 0, self.num_levels, image, mask, n_steps_each,
+                                  step_lr)
+        out["samples"] = self._finish_fn(out["samples"], image, mask)
+        return out
+
+    def _interpolate_fn(self, n_interpolations, seeds_a, seeds_b, data, n_steps_each, step_lr):
+        seeds_b = _checked(seeds_b, tf.debugging.assert_equal(
+            tf.size(seeds_a), tf.size(seeds_b),
+            message="seeds_a and seeds_b must have the same length"))
+        k = n_interpolations
+        angles = tf.linspace(0.0, math.pi / 2, k)
+        weights_a = tf.reshape(tf.cos(angles), [1, k] + [1] * len(self.shape))
+        weights_b = tf.reshape(tf.sin(angles), [1, k] + [1] * len(self.shape))
+        rows = lambda t: tf.reshape(t, tf.concat([[-1, k], tf.shape(t)[1:]], 0))  # noqa: E731
+        flat = lambda t: tf.reshape(t, tf.concat([[-1], tf.shape(t)[2:]], 0))  # noqa: E731
+
+        def draw(step):
+            z_a = _per_seed(tf.random.stateless_normal, seeds_a, _LANGEVIN, self.shape, step)
+            z_b = _per_seed(tf.random.stateless_normal, seeds_b, _LANGEVIN, self.shape, step)
+            return flat(z_a[:, None] * weights_a + z_b[:, None] * weights_b)
+
+        x = tf.repeat(self._init_fn(seeds_a, data), k, axis=0)
+        out = self._anneal(x, 0, self.num_levels, n_steps_each, step_lr, draw, None)
+        out["samples"] = rows(self._finish_fn(out["samples"], None, None))
+        if "trajectory" in out:
+            frames = out["trajectory"]
+            out["trajectory"] = tf.reshape(
+                frames, tf.concat([[tf.shape(frames)[0], -1, k], tf.shape(frames)[2:]], 0))
+        return out
+
+    def _check_examples(self, t, seeds, name):
+        if not t.shape[1:].is_compatible_with(self.shape):
+            raise ValueError(f"{name} must have shape [N, {', '.join(map(str, self.shape))}], "
+                             f"got {t.shape}")
+        return _checked(t, tf.debugging.assert_equal(
+            tf.shape(t)[0], tf.size(seeds), message=f"{name} must have one example per seed"))
+
+    def _sigmas(self):
+        return tf.cast(tf.convert_to_tensor(self.sigmas), tf.float32)
+
+    def _anneal(self, x, start_level, end_level, n_steps_each, step_lr, draw_noise,
+                set_known) -> dict:
+        """The Langevin loop over global steps [start_level·T, end_level·T) as a while_loop."""
+        n_steps_each = _checked(n_steps_each, tf.debugging.assert_greater_equal(
+            n_steps_each, 1, message="n_steps_each must be >= 1"))
+        step_lr = _checked(step_lr, tf.debugging.assert_greater(
+            step_lr, 0.0, message="step_lr must be > 0"))
+        sigmas = self._sigmas()
+        first, last = start_level * n_steps_each, end_level * n_steps_each
+        batch = tf.shape(x)[:1]
+        every = self.trajectory_every
+        state = {"x": x}
+        if every:
+            state["frames"] = tf.TensorArray(tf.float32, size=last // every - first // every,
+                                             element_shape=x.shape)
+        if self.diagnostics:
+            state["logs"] = {name: tf.TensorArray(tf.int32 if name == "level" else tf.float32,
+                                                  size=last - first) for name in DIAGNOSTICS}
+
+        def body(step, state):
+            x = state["x"]
+            level = step // n_steps_each
+            sigma = sigmas[level]
+            step_size = step_lr * tf.square(sigma / sigmas[-1])
+            if set_known is not None:
+                x = set_known(x, step, sigma)
+            grad = tf.cast(self.score_fn(x, tf.fill(batch, level)), x.dtype)
+            z = draw_noise(step)
+            x = x + step_size * grad + tf.sqrt(2.0 * step_size) * z
+            new = {"x": x}
+            if every:
+                frames = state["frames"]
+                new["frames"] = tf.cond(
+                    (step + 1) % every == 0,
+                    lambda: frames.write((step + 1) // every - 1 - first // every, x),
+                    lambda: frames)
+            if self.diagnostics:
+                grad_norm = tf.reduce_mean(_norms(grad))
+                values = dict(
+                    level=level, step_size=step_size, grad_norm=grad_norm,
+                    image_norm=tf.reduce_mean(_norms(x)),
+                    snr=tf.sqrt(step_size / 2.0) * grad_norm / tf.reduce_mean(_norms(z)),
+                    grad_mean_norm=tf.reduce_sum(tf.square(tf.reduce_mean(grad, 0)))
+                    * tf.square(sigma))
+                new["logs"] = {k: state["logs"][k].write(step - first, values[k])
+                               for k in DIAGNOSTICS}
+            return step + 1, new
+
+        _, state = tf.while_loop(lambda step, _: step < last, body, (first, state))
+        out = {"samples": state["x"]}
+        if every:
+            frames = state["frames"]
+            empty = tf.zeros(tf.concat([[0], tf.shape(x)], 0))  # a chunk shorter than `every`
+            out["trajectory"] = tf.cond(frames.size() > 0, frames.stack, lambda: empty)
+        if self.diagnostics:
+            out["diagnostics"] = {k: v.stack() for k, v in state["logs"].items()}
+        return out
+
+
+def _seeds(seeds) -> tf.Tensor:
+    return tf.cast(tf.convert_to_tensor(seeds), tf.int64)
+
+
+def _optional(t):
+    return None if t is None else tf.convert_to_tensor(t, tf.float32)
+
+
+def _image_and_mask(image, mask):
+    """Inpainting inputs as float32 tensors, the mask as [N or 1, H, W, C or 1]."""
+    if (image is None) != (mask is None):
+        raise ValueError("inpainting needs both image and mask")
+    if image is None:
+        return None, None
+    image, mask = _optional(image), _optional(mask)
+    if image.shape.rank != 4:
+        raise ValueError(f"image must be [N, H, W, C], got shape {image.shape}")
+    if mask.shape.rank == 3:
+        mask = mask[None]
+    if mask.shape.rank != 4:
+        raise ValueError(f"mask must be [H, W, C] or [N, H, W, C], got shape {mask.shape}")
+    for axis, (m, n) in enumerate(zip(mask.shape, image.shape)):
+        if None not in (m, n) and m != n and not (m == 1 and axis in (0, 3)):
+            raise ValueError(f"{_MASK_SHAPES}; got mask shape {mask.shape}, image shape "
+                             f"{image.shape}")
+    return image, mask
+
+
+def _checked(tensor, *checks):
+    """`tensor`, available only once the assertion ops `checks` have passed."""
+    with tf.control_dependencies([c for c in checks if c is not None]):
+        return tf.identity(tensor)
+
+
+def _check_seeds(seeds):
+    return _checked(
+        seeds,
+        tf.debugging.assert_rank(seeds, 1, message="seeds must be a vector: one example per seed"),
+        tf.debugging.assert_positive(tf.size(seeds),
+                                     message="seeds must be non-empty: one example per seed"))
+
+
+def _per_seed(distribution, seeds, stream, shape, step=0):
+    """One draw of `shape` per seed from `distribution`, keyed by (seed, step, stream)."""
+    counter = tf.cast(step, tf.int64) * _NUM_STREAMS + stream
+    return tf.map_fn(
+        lambda seed: distribution(shape, tf.stack([seed, counter]), alg="philox"),
+        seeds, fn_output_signature=tf.TensorSpec(shape, tf.float32))
+
+
+def _set_known(image, is_known, seeds, shape, x, step, sigma):
+    """Inpainting: the known pixels of `x` set to image + σ·z, with fresh noise at every step."""
+    z = _per_seed(tf.random.stateless_normal, seeds, _KNOWN, shape, step)
+    return tf.where(is_known, image + sigma * z, x)
+
+
+def _norms(t):
+    """Euclidean norm of each example."""
+    return tf.norm(tf.reshape(t, [tf.shape(t)[0], -1]), axis=1)
+
+
+def _check_mask(image, mask):
+    """`mask` [N or 1, H, W, C or 1] broadcast to `image` after checking its shape and values."""
+    image_shape, mask_shape = tf.shape(image), tf.shape(mask)
+    fits = (mask_shape == image_shape) | ((mask_shape == 1) & [True, False, False, True])
+    mask = _checked(
+        mask,
+        tf.debugging.Assert(tf.reduce_all(fits), [_MASK_SHAPES + "; mask shape", mask_shape,
+                                                  "image shape", image_shape]),
+        tf.debugging.Assert(tf.reduce_all((mask == 0.0) | (mask == 1.0)),
+                            ["mask must contain only 0 (unknown pixel) and 1 (known pixel)"]))
+    return tf.broadcast_to(mask, image_shape)
+
+
+def write_diagnostics(summary_writer: tf.summary.SummaryWriter, diagnostics: dict,
+                      first_step: int = 0, prefix: str = "langevin/") -> None:
+    """Write the per-step `diagnostics` of a run as TensorBoard scalars, x-axis = Langevin step.
+
+    `first_step` is the global step index of the first entry (start_level · n_steps_each for a
+    chunk of a run).
+    """
+    values = {k: v.numpy() for k, v in diagnostics.items()}
+    with summary_writer.as_default():
+        for i in range(len(values["level"])):
+            for name, v in values.items():
+                tf.summary.scalar(prefix + name, v[i], step=first_step + i)
+    summary_writer.flush()
+
+
+def to_uint8(images) -> tf.Tensor:
+    """Images in [0, 1] (values outside are clipped) to uint8, rounding to nearest."""
+    images = tf.clip_by_value(tf.convert_to_tensor(images, tf.float32), 0.0, 1.0)
+    return tf.cast(tf.floor(images * 255.0 + 0.5), tf.uint8)
+
+
+def save_image_grid(images, path: str, ncol: int | None = None, padding: int = 2) -> None:
+    """Save images [N, H, W, C] in [0, 1] as one PNG grid (`ncol` columns, default ⌈√N⌉)."""
+    images = to_uint8(images)
+    n, h, w, c = images.shape
+    ncol = ncol or math.ceil(math.sqrt(n))
+    nrow = math.ceil(n / ncol)
+    images = tf.pad(images, [[0, nrow * ncol - n], [padding, 0], [padding, 0], [0, 0]])
+    grid = tf.reshape(tf.transpose(tf.reshape(images, [nrow, ncol, h + padding, w + padding, c]),
+                                   [0, 2, 1, 3, 4]),
+                      [nrow * (h + padding), ncol * (w + padding), c])
+    grid = tf.pad(grid, [[0, padding], [0, padding], [0, 0]])
+    tf.io.write_file(path, tf.io.encode_png(grid))
