@@ -1,0 +1,150 @@
+"""The workdir layout shared by training, sampling, export and the official-checkpoint importer.
+
+    WORKDIR/config.yaml               the resolved config (`write_config`, `read_config`)
+    WORKDIR/checkpoints/ckpt-N        the latest snapshots, rotated by a tf.train.CheckpointManager
+    WORKDIR/checkpoints/kept/ckpt-N   snapshots at multiples of `keep_every` steps, never deleted
+
+Every checkpoint holds `net` (live weights), `ema_net` (their EMA, used for sampling), `step`
+(int64) and, when written by training, `optimizer`. N is the training step. Paths may be local or
+any filesystem TensorFlow reads (gs://…).
+
+A network is stored as its ordered weight list (`model.weights`, keys net/0, net/1, …), not as
+a Keras object graph: tf.train.Checkpoint does not see Keras 3 layers held in Python lists, and
+the list keeps checkpoints independent of how a model nests its layers. Restoring into a
+network of another shape fails with a clear error.
+"""
+from __future__ import annotations
+
+import os
+
+import keras
+import tensorflow as tf
+import yaml
+
+from ncsn_tf import models, presets
+
+CONFIG_FILE = "config.yaml"
+CHECKPOINT_DIR = "checkpoints"
+KEPT_DIR = "kept"
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(workdir, CHECKPOINT_DIR)
+
+
+def write_config(workdir: str, config: presets.Config) -> str:
+    """Writes WORKDIR/config.yaml (atomically) and returns its path."""
+    tf.io.gfile.makedirs(workdir)
+    path = os.path.join(workdir, CONFIG_FILE)
+    with tf.io.gfile.GFile(path + ".tmp", "w") as f:
+        f.write(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+    return path
+
+
+def read_config(workdir: str) -> presets.Config:
+    """The config saved in WORKDIR/config.yaml."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f"{path} not found: {workdir} is not an ncsn_tf workdir (train "
+                                "into it, or import an official checkpoint with ncsn_tf.convert)")
+    with tf.io.gfile.GFile(path) as f:
+        return presets.Config.from_dict(yaml.safe_load(f))
+
+
+def make_checkpoint(net: keras.Model, ema_net: keras.Model, step: tf.Variable | None = None,
+                    optimizer: keras.optimizers.Optimizer | None = None) -> tf.train.Checkpoint:
+    """A checkpoint of the two networks, the step and (for training) the optimizer.
+
+    `step` defaults to the optimizer's iteration counter, so training checkpoints carry the
+    step with no extra bookkeeping; without an optimizer it is a new int64 variable at 0.
+    Build the optimizer (`ScoreModel.compile` does) before restoring into it.
+    """
+    if step is None:
+        step = optimizer.iterations if optimizer is not None else tf.Variable(0, dtype=tf.int64)
+    objects = dict(net=net.weights, ema_net=ema_net.weights, step=step)
+    if optimizer is not None:
+        objects["optimizer"] = optimizer
+    return tf.train.Checkpoint(**objects)
+
+
+def make_manager(workdir: str, checkpoint: tf.train.Checkpoint,
+                 max_to_keep: int = 3) -> tf.train.CheckpointManager:
+    """Rotates the latest `max_to_keep` snapshots in WORKDIR/checkpoints."""
+    return tf.train.CheckpointManager(checkpoint, checkpoint_dir(workdir), max_to_keep)
+
+
+def save(manager: tf.train.CheckpointManager, step: int, keep_every: int = 0) -> str:
+    """Saves WORKDIR/checkpoints/ckpt-<step>; at multiples of `keep_every` (0: never) also
+    writes a copy to WORKDIR/checkpoints/kept/ that rotation never deletes. Returns the
+    prefix."""
+    step = int(step)
+    prefix = manager.save(checkpoint_number=step)
+    if keep_every and step % keep_every == 0:
+        manager.checkpoint.write(os.path.join(manager.directory, KEPT_DIR, f"ckpt-{step}"))
+    return prefix
+
+
+def save_converted(workdir: str, config: presets.Config, net: keras.Model,
+                   ema_net: keras.Model, step: int) -> str:
+    """Creates a workdir from imported weights (config + checkpoint, no optimizer); returns
+    the checkpoint prefix. Refuses to write into a workdir that already has checkpoints."""
+    if tf.train.latest_checkpoint(checkpoint_dir(workdir)):
+        raise FileExistsError(f"{checkpoint_dir(workdir)} already holds checkpoints; convert "
+                              "into a new workdir")
+    write_config(workdir, config)
+    checkpoint = make_checkpoint(net, ema_net, step=tf.Variable(int(step), dtype=tf.int64))
+    return make_manager(workdir, checkpoint).save(checkpoint_number=int(step))
+
+
+def load(path: str, ema: bool = True,
+         precision: str | None = None) -> tuple[keras.Model, presets.Config, int]:
+    """(network, config, step) from a workdir (its latest checkpoint) or a checkpoint prefix
+    such as WORKDIR/checkpoints/ckpt-5000.
+
+    Builds the network with `models.build(config)` and restores the EMA weights (`ema=True`,
+    what sampling should use) or the live ones. `precision` (fp32 | bf16 | fp16) overrides the
+    precision the run was trained with.
+    """
+    workdir, prefix = _locate(path)
+    config = read_config(workdir)
+    if precision is not None:
+        config = presets.override(config, precision=precision)
+    name = "ema_net" if ema else "net"
+    missing = {name, "step"} - {key.split("/")[0] for key, _ in tf.train.list_variables(prefix)}
+    if missing:
+        raise ValueError(f"{prefix} holds no {' or '.join(sorted(missing))}; it was not written "
+                         "by ncsn_tf.checkpoints")
+    net = models.build(config)
+    step = tf.Variable(0, dtype=tf.int64)
+    try:
+        status = tf.train.Checkpoint(**{name: net.weights}, step=step).restore(prefix)
+        status.expect_partial()  # the other network and the optimizer are not needed here
+        status.assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.InvalidArgumentError) as e:
+        detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise ValueError(f"{prefix}: its `{name}` does not match the network that "
+                         f"{os.path.join(workdir, CONFIG_FILE)} describes ({detail})") from None
+    return net, config, int(step.numpy())
+
+
+def _locate(path: str) -> tuple[str, str]:
+    """(workdir, checkpoint prefix) for a workdir or a checkpoint prefix."""
+    if tf.io.gfile.isdir(path):
+        read_config(path)  # a clear error if this is not a workdir
+        prefix = tf.train.latest_checkpoint(checkpoint_dir(path))
+        if prefix is None:
+            raise FileNotFoundError(f"No checkpoint in {checkpoint_dir(path)}; train first or "
+                                    "pass a checkpoint prefix (WORKDIR/checkpoints/ckpt-N)")
+        return path, prefix
+    if tf.io.gfile.exists(path + ".index"):
+        # A prefix lives in WORKDIR/checkpoints or WORKDIR/checkpoints/kept.
+        parent = os.path.dirname(path)
+        for _ in range(3):
+            if tf.io.gfile.exists(os.path.join(parent, CONFIG_FILE)):
+                return parent, path
+            parent = os.path.dirname(parent)
+        raise FileNotFoundError(f"No {CONFIG_FILE} found above checkpoint {path}; expected the "
+                                "layout WORKDIR/config.yaml + WORKDIR/checkpoints/ckpt-N")
+    raise FileNotFoundError(f"{path} is neither a workdir nor a checkpoint prefix (expected "
+                            "WORKDIR or WORKDIR/checkpoints/ckpt-N)")

@@ -1,0 +1,165 @@
+"""Workdir layout: config round trip, converted and training checkpoints, `load`, rotation."""
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import yaml
+
+from ncsn_tf import checkpoints, models, optimizers, presets
+from test_score_model import images, tiny_config, tiny_model, train  # the stand-in setup
+
+CONFIG = presets.override(presets.get("cifar10"), ngf=4, num_scales=10, image_size=8,
+                          channels=1, ema_rate=0.9)
+
+
+def scores(net, seed=0):
+    """The network's output on a fixed batch (all noise levels represented)."""
+    x = tf.constant(images(4, seed))
+    return net(x, tf.constant([0, 3, 6, 9]), training=False).numpy()
+
+
+def perturb(net, scale, seed=0):
+    """Moves every trainable weight, so the two networks of a checkpoint differ."""
+    rng = np.random.default_rng(seed)
+    for w in net.trainable_weights:
+        w.assign(w.numpy() + scale * rng.normal(size=w.shape).astype(np.float32))
+
+
+def test_config_round_trip(tmp_path):
+    workdir = str(tmp_path / "run")
+    config = presets.override(CONFIG, precision="bf16", batch_size=7)
+    path = checkpoints.write_config(workdir, config)
+    assert path == os.path.join(workdir, "config.yaml")
+    with open(path) as f:
+        assert yaml.safe_load(f) == config.to_dict()
+    assert checkpoints.read_config(workdir) == config
+    with pytest.raises(FileNotFoundError, match="config.yaml"):
+        checkpoints.read_config(str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def nets():
+    """A live and an EMA NCSNv2 (tiny config) with different weights. Building the real network
+    costs seconds, so the tests share one pair and must not change it."""
+    keras.utils.set_random_seed(0)
+    net, ema_net = models.build(CONFIG), models.build(CONFIG)
+    perturb(ema_net, 0.05)
+    assert not np.allclose(scores(net), scores(ema_net))
+    return net, ema_net
+
+
+def test_converted_checkpoint_loads_either_network(tmp_path, nets):
+    workdir = str(tmp_path / "run")
+    net, ema_net = nets
+    prefix = checkpoints.save_converted(workdir, CONFIG, net, ema_net, step=300000)
+    assert prefix == os.path.join(workdir, "checkpoints", "ckpt-300000")
+
+    loaded, config, step = checkpoints.load(workdir)
+    assert (config, step) == (CONFIG, 300000)
+    np.testing.assert_array_equal(scores(loaded), scores(ema_net))
+    loaded, _, _ = checkpoints.load(prefix, ema=False)
+    np.testing.assert_array_equal(scores(loaded), scores(net))
+    loaded, config, _ = checkpoints.load(workdir, precision="bf16")
+    assert loaded.dtype_policy.name == "mixed_bfloat16" and config.training.precision == "bf16"
+    expected = scores(ema_net)
+    np.testing.assert_allclose(scores(loaded), expected, atol=0.05 * np.abs(expected).max())
+
+    with pytest.raises(FileExistsError, match="new workdir"):
+        checkpoints.save_converted(workdir, CONFIG, net, ema_net, step=1)
+
+
+def test_training_checkpoint_with_optimizer_loads_for_sampling(tmp_path, nets):
+    workdir = str(tmp_path / "run")
+    net, ema_net = nets
+    optimizer = optimizers.build_optimizer(presets.override(CONFIG, precision="fp16"))
+    optimizer.build(net.trainable_variables)
+    optimizer.iterations.assign(42)
+    checkpoints.write_config(workdir, CONFIG)
+    checkpoint = checkpoints.make_checkpoint(net, ema_net, optimizer=optimizer)
+    checkpoints.save(checkpoints.make_manager(workdir, checkpoint), step=42)
+    names = {name.split("/")[0] for name, _ in tf.train.list_variables(workdir + "/checkpoints")}
+    assert {"net", "ema_net", "step", "optimizer"} <= names
+
+    loaded, _, step = checkpoints.load(workdir)
+    assert step == 42
+    np.testing.assert_array_equal(scores(loaded), scores(ema_net))
+
+
+def test_resume_continues_exactly(tmp_path):
+    """2 steps, save, restore into a fresh model, 2 more steps == 4 uninterrupted steps: the
+    optimizer state, the step (hence the noise draws) and both networks come back."""
+    workdir = str(tmp_path / "run")
+    data = tf.data.Dataset.from_tensor_slices(images(32)).batch(8)
+    config = tiny_config()
+    reference = tiny_model(config)
+    train(reference, data)
+
+    first = tiny_model(config)
+    train(first, data.take(2))
+    checkpoint = checkpoints.make_checkpoint(first.net, first.ema_net, optimizer=first.optimizer)
+    checkpoints.save(checkpoints.make_manager(workdir, checkpoint), first.optimizer.iterations)
+
+    resumed = tiny_model(config, init_seed=7)  # different initial weights, all overwritten
+    checkpoint = checkpoints.make_checkpoint(resumed.net, resumed.ema_net,
+                                             optimizer=resumed.optimizer)
+    manager = checkpoints.make_manager(workdir, checkpoint)
+    checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    assert int(resumed.optimizer.iterations.numpy()) == 2
+    train(resumed, data.skip(2))
+    for a, b in zip(reference.net.weights + reference.ema_net.weights
+                    + reference.optimizer.variables,
+                    resumed.net.weights + resumed.ema_net.weights + resumed.optimizer.variables):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-6, atol=1e-8, err_msg=a.path)
+
+
+def test_rotation_keeps_the_latest_and_every_keep_every(tmp_path, nets):
+    workdir = str(tmp_path / "run")
+    net, ema_net = nets
+    checkpoints.write_config(workdir, CONFIG)
+    step = tf.Variable(0, dtype=tf.int64)
+    manager = checkpoints.make_manager(
+        workdir, checkpoints.make_checkpoint(net, ema_net, step=step), max_to_keep=2)
+    for n in range(1, 7):
+        step.assign(n)
+        checkpoints.save(manager, n, keep_every=3)
+
+    def prefixes(directory):
+        return sorted(name[:-len(".index")] for name in os.listdir(directory)
+                      if name.endswith(".index"))
+
+    assert prefixes(os.path.join(workdir, "checkpoints")) == ["ckpt-5", "ckpt-6"]
+    assert prefixes(os.path.join(workdir, "checkpoints", "kept")) == ["ckpt-3", "ckpt-6"]
+    assert manager.latest_checkpoint == os.path.join(workdir, "checkpoints", "ckpt-6")
+    loaded, config, step_3 = checkpoints.load(os.path.join(workdir, "checkpoints", "kept",
+                                                           "ckpt-3"))
+    assert (config, step_3) == (CONFIG, 3)
+    np.testing.assert_array_equal(scores(loaded), scores(ema_net))
+
+
+def test_load_explains_what_is_missing(tmp_path, nets):
+    with pytest.raises(FileNotFoundError, match="neither a workdir nor a checkpoint"):
+        checkpoints.load(str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="config.yaml"):
+        checkpoints.load(str(tmp_path))
+    workdir = str(tmp_path / "run")
+    checkpoints.write_config(workdir, CONFIG)
+    with pytest.raises(FileNotFoundError, match="No checkpoint"):
+        checkpoints.load(workdir)
+
+    # A checkpoint without an EMA network is rejected clearly.
+    net, _ = nets
+    prefix = os.path.join(workdir, "checkpoints", "ckpt-5")
+    tf.train.Checkpoint(net=net.weights, step=tf.Variable(5, dtype=tf.int64)).write(prefix)
+    with pytest.raises(ValueError, match="holds no ema_net"):
+        checkpoints.load(prefix)
+    # A network of another width does not fit the config's.
+    checkpoints.write_config(workdir, presets.override(CONFIG, ngf=8))
+    with pytest.raises(ValueError, match="`net` does not match the network that .*config.yaml"):
+        checkpoints.load(prefix, ema=False)
+    # A prefix outside any workdir.
+    orphan = str(tmp_path / "orphan" / "ckpt-1")
+    tf.train.Checkpoint(net=net.weights).write(orphan)
+    with pytest.raises(FileNotFoundError, match="No config.yaml found above"):
+        checkpoints.load(orphan)
