@@ -1,15 +1,20 @@
-"""Feature networks, FID/IS over every sample source, cached reference statistics, neighbours."""
+"""Feature networks, FID/IS over every sample source (files, folders, checkpoints, SavedModels),
+cached reference statistics, neighbours, fast FID sweeps over checkpoints."""
+import csv
 import json
 import os
 import subprocess
 import sys
 import time
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from absl import app as absl_app
+from absl import flags as absl_flags
 
-from ncsn_tf import evaluate, inception, metrics, presets
+from ncsn_tf import checkpoints, evaluate, export, inception, metrics, models, presets, sampling
 
 UNREACHABLE = "http://127.0.0.1:1/unreachable"  # connection refused at once, even when online
 
@@ -317,3 +322,186 @@ def test_cli_computes_reference_statistics_fid_is_and_neighbours(net, tmp_path):
     assert result["nearest_neighbors"]["space"] == "pixels"
     # 3 rows of (sample + 2 neighbours), 16 px cells, 2 px apart, 6 px after the samples.
     assert tf.io.decode_png(tf.io.read_file(grid)).shape == (2 + 3 * 18, 2 + 6 + 3 * 18 - 2, 1)
+
+
+# --- samples drawn from a model: checkpoints, SavedModels, fast FID sweeps --------------------
+# Tracing a sampler costs seconds even for this tiny network, so each test traces few.
+
+TINY = presets.override(presets.get("digits"), ngf=4, num_scales=3, n_steps_each=1,
+                        sampling_batch_size=5)
+
+
+def tiny_net(seed):
+    keras.utils.set_random_seed(seed)
+    return models.build(TINY)
+
+
+def langevin(net, denoise):
+    """What a checkpoint of `net` should draw: the library sampler, traced once, called with
+    all seeds in one batch (the code under test draws in other batch sizes)."""
+    sampler = sampling.AnnealedLangevin.from_config(
+        lambda x, labels: net(x, labels, training=False), net.sigmas,
+        presets.override(TINY, denoise=denoise))
+    return lambda seeds: sampling.to_uint8(
+        sampler.sample(np.asarray(seeds, np.int64))["samples"]).numpy()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A workdir at step 100 whose EMA network differs from its live one, and the EMA
+    network's sampler without the final denoising step."""
+    workdir = str(tmp_path_factory.mktemp("run"))
+    net, ema_net = tiny_net(0), tiny_net(1)
+    checkpoints.save_converted(workdir, TINY, net, ema_net, 100)
+    x, labels = tf.random.uniform([2, 16, 16, 1], seed=0), tf.constant([0, 2])
+    assert not np.allclose(net(x, labels), ema_net(x, labels))
+    return workdir, ema_net, langevin(ema_net, denoise=False)
+
+
+@pytest.fixture(scope="module")
+def grey_reference(net, tmp_path_factory):
+    """Statistics of 16x16 grey images under the random network, as a file."""
+    path = str(tmp_path_factory.mktemp("stats") / "grey.npz")
+    images = smooth_images(200, seed=12)[..., :1]
+    mu, sigma, count = evaluate.dataset_statistics(images, net)
+    metrics.save_statistics(path, mu, sigma, network=net.name, num_images=count)
+    return path
+
+
+def run_cli(args, capsys):
+    """`python -m ncsn_tf.evaluate ARGS` in this process; returns its JSON result."""
+    fv = absl_flags.FlagValues()
+    evaluate.define_flags(fv)
+    evaluate.main(fv(["evaluate", "--inception=random-test", *args]), fv)
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_fid_of_a_checkpoint_equals_fid_of_its_samples_saved_to_npz(net, tiny_run, tmp_path,
+                                                                     capsys):
+    """--workdir: EMA weights, seeds from --seed, sampler flags, reference statistics from
+    the model's own dataset (digits, cached), the drawn images saved, nearest neighbours."""
+    workdir, _, draw = tiny_run
+    stats, saved = str(tmp_path / "digits_train.npz"), str(tmp_path / "drawn.npz")
+    result = run_cli([f"--workdir={workdir}", f"--ref_stats={stats}", "--num_samples=12",
+                      "--seed=3", "--nodenoise", "--splits=2", f"--save_samples={saved}",
+                      "--nn_k=2", "--nn_samples=3", f"--nn_out={tmp_path / 'nn.png'}"], capsys)
+    expected = draw(np.arange(3, 15))
+    with np.load(saved) as arrays:
+        np.testing.assert_array_equal(arrays["samples"], expected)
+        np.testing.assert_array_equal(arrays["seeds"], np.arange(3, 15))
+
+    train = np.concatenate([batch.numpy() for batch in evaluate.data.load(
+        TINY, "train", training=False, batch_size=500)])
+    mu, sigma = metrics.statistics(net(train)[0])
+    cached_mu, cached_sigma = metrics.load_statistics(stats, network=net.name)
+    np.testing.assert_allclose(cached_mu, mu, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(cached_sigma, sigma, rtol=1e-4, atol=1e-8)
+
+    np.savez(tmp_path / "own.npz", samples=expected)
+    own = evaluate.compute_fid_is(str(tmp_path / "own.npz"), net, stats, splits=2)
+    assert result["fid"] == pytest.approx(own["fid"], rel=1e-6)
+    assert result["inception_score"] == pytest.approx(own["inception_score"], rel=1e-6)
+    assert result["num_images"] == 12 and result["network"] == net.name
+    assert result["reference"] == stats
+    assert result["model"] == {"source": workdir, "step": 100, "seed": 3, "n_steps_each": 1,
+                               "step_lr": TINY.sampling.step_lr, "denoise": False,
+                               "num_scales": 3}
+    neighbours = evaluate.nearest_neighbors(expected[:3], train, 2)
+    assert result["nearest_neighbors"]["min_distance"] == pytest.approx(
+        float(neighbours.distances[:, 0].min()), rel=1e-5)
+
+
+def test_saved_model_draws_the_checkpoints_samples(net, tiny_run, grey_reference, tmp_path):
+    _, ema_net, draw = tiny_run
+    settings = export.ServingSettings(n_steps_each=1, step_lr=TINY.sampling.step_lr,
+                                      denoise=False, max_batch=4)
+    path = export.export(ema_net, TINY, 100, str(tmp_path), "tiny", settings=settings)
+    model = evaluate.load_saved_model(path)
+    kept = []
+    result = evaluate.model_fid_is(model, net, grey_reference, num_samples=9, batch_size=5,
+                                   seed=3, splits=3, keep=kept)  # calls of 4 + 1, then 4
+    expected = draw(np.arange(3, 12))
+    np.testing.assert_array_equal(np.concatenate(kept), expected)
+    assert result["fid"] == pytest.approx(
+        evaluate.compute_fid_is(expected, net, grey_reference, splits=3)["fid"], rel=1e-6)
+    assert result["model"]["step"] == 100 and result["model"]["source"] == path
+    # A sampler setting goes through `sample_with_settings`.
+    larger_steps = evaluate.load_saved_model(path, step_lr=4 * TINY.sampling.step_lr)
+    assert larger_steps.sampler["step_lr"] == pytest.approx(4 * TINY.sampling.step_lr)
+    assert not np.array_equal(larger_steps.sample_fn(np.arange(3, 7)), expected[:4])
+    with pytest.raises(FileNotFoundError, match="ncsn_tf.export"):
+        evaluate.load_saved_model(str(tmp_path))
+
+
+def read_scalars(log_dir):
+    """{tag: {step: value}} of the TensorBoard event files in `log_dir`."""
+    scalars = {}
+    for path in tf.io.gfile.glob(os.path.join(log_dir, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = float(
+                    tf.make_ndarray(value.tensor))
+    return scalars
+
+
+def test_fast_fid_sweep_scores_every_checkpoint(net, grey_reference, tmp_path, capsys):
+    workdir = str(tmp_path / "run")
+    checkpoints.write_config(workdir, TINY)
+    live_net, ema_net, step_variable = tiny_net(2), tiny_net(3), tf.Variable(0, dtype=tf.int64)
+    manager = checkpoints.make_manager(
+        workdir, checkpoints.make_checkpoint(live_net, ema_net, step_variable), max_to_keep=2)
+    draw = langevin(ema_net, denoise=True)
+    rng = np.random.default_rng(13)
+    expected = {}
+    for step in (10, 15, 20):  # ckpt-10 survives only in kept/, 20 is in both places
+        for w in ema_net.trainable_weights:
+            w.assign(w + 0.3 * rng.normal(size=w.shape).astype(np.float32))
+        step_variable.assign(step)
+        checkpoints.save(manager, step, keep_every=10)
+        expected[step] = evaluate.compute_fid_is(draw(np.arange(6)), net, grey_reference,
+                                                 splits=2)
+    assert not os.path.exists(os.path.join(workdir, "checkpoints", "ckpt-10.index"))
+    assert [s for s, _ in evaluate.checkpoint_prefixes(workdir, 11, 20)] == [15, 20]
+    assert [s for s, _ in evaluate.checkpoint_prefixes(workdir, end_step=14)] == [10]
+
+    result = run_cli([f"--sweep_workdir={workdir}", f"--ref_stats={grey_reference}",
+                      "--num_samples=6", "--sampling_batch_size=4", "--splits=2"], capsys)
+    with open(os.path.join(workdir, "fast_fid.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(row["step"]) for row in rows] == [10, 15, 20]
+    assert list(rows[0]) == ["step", "fid", "inception_score", "num_samples", "network"]
+    for row in rows:
+        step = int(row["step"])
+        assert float(row["fid"]) == pytest.approx(expected[step]["fid"], rel=1e-6)
+        assert float(row["inception_score"]) == pytest.approx(
+            expected[step]["inception_score"], rel=1e-6)
+        assert row["num_samples"] == "6" and row["network"] == net.name
+    assert len({row["fid"] for row in rows}) == 3
+    best = min(expected, key=lambda step: expected[step]["fid"])
+    assert result["best"]["step"] == best and len(result["checkpoints"]) == 3
+
+    scalars = read_scalars(os.path.join(workdir, "tensorboard", "fast_fid"))
+    assert set(scalars) == {"fast_fid/fid", "fast_fid/inception_score"}
+    for step in expected:
+        assert scalars["fast_fid/fid"][step] == pytest.approx(expected[step]["fid"], rel=1e-6)
+        assert scalars["fast_fid/inception_score"][step] == pytest.approx(
+            expected[step]["inception_score"], rel=1e-6)
+    with pytest.raises(SystemExit, match=r"\[11, 14\]; steps there: \[10, 15, 20\]"):
+        run_cli([f"--sweep_workdir={workdir}", f"--ref_stats={grey_reference}",
+                 "--begin_step=11", "--end_step=14"], capsys)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--samples=a.npz", "--workdir=run"], "exactly one of"),
+    ([], "exactly one of"),
+    (["--workdir=run", "--preset=cifar10"], "brings its own config"),
+    (["--samples=a.npz", "--ref_stats=s.npz", "--num_samples=10"],
+     "--num_samples goes only with --workdir or --checkpoint or --saved_model or "
+     "--sweep_workdir"),
+    (["--workdir=run", "--begin_step=5"], "--begin_step goes only with --sweep_workdir"),
+    (["--sweep_workdir=run", "--nn_k=3"], "--nn_k goes only with --samples or --workdir"),
+    (["--checkpoint=run", "--num_samples=1"], ">= 2"),
+])
+def test_cli_refuses_contradictory_flags(args, message, capsys):
+    with pytest.raises(absl_app.UsageError, match=message):
+        run_cli(args, capsys)
