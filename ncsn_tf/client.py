@@ -1,0 +1,147 @@
+"""A TF Serving REST client for exported models: `python -m ncsn_tf.client`.
+
+    python -m ncsn_tf.client --host=localhost:8501 --model=ncsn --num_samples=4 --seed=0 \
+        --out=grid.png
+
+Sends predict requests in the columnar format, `{"signature_name": ..., "inputs": {"seed":
+[...]}}`, to `http://HOST/v1/models/MODEL[/versions/V]:predict` (urllib, no other HTTP
+library), decodes the base64 PNGs that TF Serving returns for the `png_bytes` output and writes
+them as one grid. With `--n_steps_each`, `--step_lr` and `--denoise` it calls the
+`sample_with_settings` signature instead of `serving_default`.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import sys
+import urllib.error
+import urllib.request
+from typing import Any, Sequence
+
+from absl import app, flags
+
+
+class ServingError(RuntimeError):
+    """TF Serving could not be reached or refused the request; the message says why."""
+
+
+def model_url(host: str, model: str, version: int | None = None) -> str:
+    """The predict URL; `host` is HOST:PORT or a full http(s):// address."""
+    base = host.rstrip("/") if "://" in host else f"http://{host.rstrip('/')}"
+    path = f"/v1/models/{model}" + (f"/versions/{version}" if version is not None else "")
+    return f"{base}{path}:predict"
+
+
+def predict(host: str, model: str, body: dict[str, Any], *, version: int | None = None,
+            timeout: float = 600.0) -> dict[str, Any]:
+    """POSTs a predict request body and returns the decoded JSON response."""
+    url = model_url(host, model, version)
+    request = urllib.request.Request(url, data=json.dumps(body).encode("utf-8"), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        raise ServingError(f"{url} answered HTTP {e.code}: {_error_message(e)}") from None
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, (TimeoutError, socket.timeout)):
+            raise ServingError(f"{url} did not answer within {timeout:g} s") from None
+        raise ServingError(
+            f"Cannot connect to TF Serving at {url}: {e.reason}. Is tensorflow_model_server "
+            "running and serving REST on that port (--rest_api_port; 8501 in the "
+            "tensorflow/serving Docker image)?") from None
+    except (TimeoutError, socket.timeout):
+        raise ServingError(f"{url} did not answer within {timeout:g} s") from None
+    except json.JSONDecodeError as e:
+        raise ServingError(f"{url} answered with something that is not JSON: {e}") from None
+
+
+def _error_message(error: urllib.error.HTTPError) -> str:
+    """TF Serving's `{"error": "..."}` message, or the raw body."""
+    text = error.read().decode("utf-8", errors="replace")
+    try:
+        return str(json.loads(text)["error"])
+    except (ValueError, KeyError, TypeError):
+        return text.strip() or error.reason
+
+
+def sample_pngs(host: str, model: str, seeds: Sequence[int], *,
+                settings: dict[str, Any] | None = None, version: int | None = None,
+                timeout: float = 600.0) -> list[bytes]:
+    """One PNG-encoded sample per seed. `settings` (n_steps_each, step_lr, denoise, all three)
+    select the `sample_with_settings` signature."""
+    inputs: dict[str, Any] = {"seed": [int(s) for s in seeds]}
+    signature = "serving_default"
+    if settings:
+        inputs.update(settings)
+        signature = "sample_with_settings"
+    response = predict(host, model, {"signature_name": signature, "inputs": inputs},
+                       version=version, timeout=timeout)
+    try:
+        encoded = response["outputs"]["png_bytes"]
+        return [base64.b64decode(item["b64"]) for item in encoded]
+    except (KeyError, TypeError) as e:
+        raise ServingError(f"Unexpected response from {model_url(host, model, version)}: no "
+                           f"base64 'png_bytes' output ({e!r}). Was the model exported by "
+                           "ncsn_tf.export?") from None
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Defines this CLI's flags on `flag_values`."""
+    fv = dict(flag_values=flag_values)
+    flags.DEFINE_string("host", "localhost:8501", "TF Serving REST address, HOST:PORT or an "
+                        "http(s):// URL.", **fv)
+    flags.DEFINE_string("model", "ncsn", "Model name (its directory under the base path).", **fv)
+    flags.DEFINE_integer("version", None, "Model version; default: the one TF Serving serves.",
+                         **fv)
+    flags.DEFINE_integer("num_samples", 4, "Number of images.", **fv)
+    flags.DEFINE_integer("seed", 0, "Image i uses seed --seed + i.", **fv)
+    flags.DEFINE_integer("batch_size", 16, "Seeds per request (at most the export's "
+                         "--max_batch).", **fv)
+    flags.DEFINE_string("out", "grid.png", "PNG grid to write.", **fv)
+    flags.DEFINE_integer("n_steps_each", None, "Langevin steps per noise level (with "
+                         "--step_lr and --denoise: uses sample_with_settings).", **fv)
+    flags.DEFINE_float("step_lr", None, "Langevin step size (see --n_steps_each).", **fv)
+    flags.DEFINE_boolean("denoise", None, "Final denoising step (see --n_steps_each).", **fv)
+    flags.DEFINE_float("timeout", 600.0, "Seconds to wait for each response.", **fv)
+
+
+def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    f = flag_values
+    try:
+        if len(argv) > 1:
+            raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        if f.num_samples < 1 or f.batch_size < 1:
+            raise app.UsageError("--num_samples and --batch_size must be >= 1")
+        settings = {"n_steps_each": f.n_steps_each, "step_lr": f.step_lr,
+                    "denoise": f.denoise}
+        given = [k for k, v in settings.items() if v is not None]
+        if given and len(given) < len(settings):
+            raise app.UsageError("--n_steps_each, --step_lr and --denoise go together "
+                                 "(sample_with_settings needs all three); got only "
+                                 + ", ".join(f"--{k}" for k in given))
+        seeds = list(range(f.seed, f.seed + f.num_samples))
+        pngs = []
+        for start in range(0, len(seeds), f.batch_size):
+            pngs += sample_pngs(f.host, f.model, seeds[start:start + f.batch_size],
+                                settings=settings if given else None, version=f.version,
+                                timeout=f.timeout)
+    except (app.UsageError, ServingError) as e:
+        sys.exit(f"client: {e}")
+    _write_grid(pngs, f.out)
+    print(f"Wrote {f.out} ({len(pngs)} images)")
+
+
+def _write_grid(pngs: list[bytes], path: str) -> None:
+    import tensorflow as tf  # only to decode and re-encode the images
+
+    from ncsn_tf import sampling
+
+    images = tf.stack([tf.io.decode_png(png) for png in pngs])
+    sampling.save_image_grid(tf.cast(images, tf.float32) / 255.0, path)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,341 @@
+"""Draw samples from a trained model: `python -m ncsn_tf.sample`.
+
+    python -m ncsn_tf.sample --workdir=runs/cifar10 --num_samples=64 --out=samples.png \
+        --npz=samples.npz
+
+Image i uses seed `--seed` + i: the same seed and settings give the same image (also in
+another batch, and as seed `--seed` + i of an exported model's `serving_default`). The run goes
+through the noise levels a chunk at a time, with a progress bar on stderr. Modes:
+
+- default: annealed Langevin dynamics from uniform noise (`--data_init`: from perturbed
+  test images instead);
+- `--inpaint=IMAGE --mask=MASK`: completes one image `--num_samples` times; MASK is an image
+  file whose white pixels (>= 128) are kept and black ones filled in, or one of `right_half`,
+  `bottom_half`, `center`;
+- `--interpolate`: `--num_samples` rows of `--n_interpolations` images blending the noise of
+  seeds `--seed` + r and `--seed` + num_samples + r.
+
+`--npz` saves the images as uint8 [N, H, W, C] under `samples` (the input of
+`python -m ncsn_tf.evaluate`), with their `seeds`.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import tensorflow as tf
+from absl import app, flags, logging
+
+from ncsn_tf import data, presets, sampling
+from ncsn_tf import flags as config_flags
+
+NAMED_MASKS = ("right_half", "bottom_half", "center")
+_SAMPLER_FIELDS = ("n_steps_each", "step_lr", "denoise", "sampling_batch_size")
+_TRAJECTORY_COLUMNS = 8  # images shown per frame in the trajectory PNG
+
+
+# ---- inputs ----
+
+def read_image(path: str, shape: tuple[int, int, int]) -> np.ndarray:
+    """An image file as float32 [H, W, C] in [0, 1], converted to C channels; its size must be
+    the model's (H, W)."""
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f"Image file {path} does not exist")
+    image = tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
+    if image.shape[-1] in (2, 4):  # drop alpha
+        image = image[..., :-1]
+    if image.shape[-1] == 3 and shape[-1] == 1:
+        image = tf.image.rgb_to_grayscale(image)
+    elif image.shape[-1] == 1 and shape[-1] == 3:
+        image = tf.image.grayscale_to_rgb(image)
+    if tuple(image.shape[:2]) != tuple(shape[:2]):
+        raise ValueError(f"{path} is {image.shape[0]}x{image.shape[1]} pixels, but the model "
+                         f"makes {shape[0]}x{shape[1]} images: resize it first")
+    return image.numpy().astype(np.float32) / 255.0
+
+
+def read_mask(spec: str, shape: tuple[int, int, int]) -> np.ndarray:
+    """A 0/1 float32 mask [H, W, 1] (1 = keep the pixel) from an image file (white = keep) or
+    one of `NAMED_MASKS`, which fill in the right half, bottom half or central square."""
+    h, w, _ = shape
+    if spec in NAMED_MASKS:
+        mask = np.ones([h, w, 1], np.float32)
+        if spec == "right_half":
+            mask[:, w // 2:] = 0
+        elif spec == "bottom_half":
+            mask[h // 2:] = 0
+        else:
+            mask[h // 4:h - h // 4, w // 4:w - w // 4] = 0
+        return mask
+    if not tf.io.gfile.exists(spec):
+        raise FileNotFoundError(f"--mask={spec} is neither an image file nor one of "
+                                f"{', '.join(NAMED_MASKS)}")
+    pixels = read_image(spec, (h, w, 1))
+    return (pixels >= 128 / 255).astype(np.float32)
+
+
+def _data_init_images(config: presets.Config, n: int) -> np.ndarray:
+    """The first n test images (repeated if there are fewer), as data_init starting points."""
+    split = data.eval_split(config)
+    ds = data.load(config, split, training=False).repeat().take(n)
+    return np.stack(list(ds.as_numpy_iterator()))
+
+
+# ---- progress ----
+
+class Progress:
+    """A one-line progress bar over noise levels (levels done / L, images/s, ETA) on stderr.
+
+    On a terminal it redraws in place; otherwise it prints a line every 10 seconds.
+    """
+
+    def __init__(self, num_images: int, num_levels: int, num_batches: int, stream=None):
+        self.stream = stream or sys.stderr
+        self.num_images, self.num_levels, self.num_batches = num_images, num_levels, num_batches
+        self.images_done = 0.0  # finished images, counting a level as 1/L of an image
+        self.batch, self.batch_levels = 0, 0
+        self.start = self.last_print = time.monotonic()
+        self.interactive = self.stream.isatty()
+
+    def update(self, batch: int, levels_done: int, batch_images: int) -> None:
+        """Batch `batch` (0-based, of `batch_images` images) has run `levels_done` levels."""
+        if batch != self.batch:
+            self.batch, self.batch_levels = batch, 0
+        self.images_done += batch_images * (levels_done - self.batch_levels) / self.num_levels
+        self.batch_levels = levels_done
+        now = time.monotonic()
+        finished = self.images_done >= self.num_images - 1e-6
+        if not (self.interactive or finished or now - self.last_print >= 10):
+            return
+        self.last_print = now
+        elapsed = now - self.start
+        rate = self.images_done / elapsed if elapsed > 0 else 0.0
+        eta = (self.num_images - self.images_done) / rate if rate > 0 else float("nan")
+        width = 24
+        filled = round(width * levels_done / self.num_levels)
+        line = (f"batch {batch + 1}/{self.num_batches} ({batch_images} images)  levels "
+                f"{levels_done}/{self.num_levels} [{'=' * filled}{' ' * (width - filled)}]  "
+                f"{rate:.2f} images/s  ETA {_duration(eta)}")
+        end = "\n" if finished or not self.interactive else ""
+        self.stream.write(("\r" if self.interactive else "") + line + end)
+        self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    if math.isnan(seconds):
+        return "?"
+    seconds = round(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# ---- sampling ----
+
+def run_in_chunks(sampler: sampling.AnnealedLangevin, seeds, *, data=None, image=None,
+                  mask=None, levels_per_call: int = 1, on_chunk=None) -> dict:
+    """`sampler.sample` (`.inpaint` given `image` and `mask`), `levels_per_call` noise levels
+    per graph call, calling `on_chunk(levels_done)` after each; the samples are identical to
+    the one-call run's. Returns "samples" and, if the sampler records them, "trajectory"
+    (uint8 frames) and "diagnostics" (a list of (first step, per-step values) per chunk)."""
+    x = sampler.init(seeds, data)
+    frames, diagnostics = [], []
+    for start in range(0, sampler.num_levels, levels_per_call):
+        end = min(start + levels_per_call, sampler.num_levels)
+        out = sampler.run_levels(x, seeds, start, end, image=image, mask=mask)
+        x = out["samples"]
+        if "trajectory" in out:
+            frames.append(sampling.to_uint8(out["trajectory"]).numpy())
+        if "diagnostics" in out:
+            diagnostics.append((start * sampler.n_steps_each, out["diagnostics"]))
+        if on_chunk:
+            on_chunk(end)
+    result = {"samples": sampler.finish(x, image=image, mask=mask)}
+    if sampler.trajectory_every:
+        result["trajectory"] = np.concatenate(frames, axis=0)
+    if sampler.diagnostics:
+        result["diagnostics"] = diagnostics
+    return result
+
+
+def interpolate(sampler: sampling.AnnealedLangevin, seeds_a, seeds_b, n_interpolations: int,
+                data=None) -> dict:
+    """`sampler.interpolate` in one graph call, with its rows flattened: "samples"
+    [rows · n_interpolations, ...] and the other outputs as `run_in_chunks` returns them."""
+    out = sampler.interpolate(seeds_a, seeds_b, n_interpolations, data)
+    out["samples"] = tf.reshape(out["samples"], (-1,) + sampler.shape)
+    if "trajectory" in out:  # [frames, rows, k, ...] -> [frames, rows · k, ...]
+        frames = out["trajectory"]
+        out["trajectory"] = sampling.to_uint8(
+            tf.reshape(frames, (frames.shape[0], -1) + sampler.shape)).numpy()
+    if "diagnostics" in out:
+        out["diagnostics"] = [(0, out["diagnostics"])]
+    return out
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Defines this CLI's flags on `flag_values`."""
+    fv = dict(flag_values=flag_values)
+    flags.DEFINE_string("workdir", None, "Training workdir (config.yaml and checkpoints/); "
+                        "its latest checkpoint is used.", **fv)
+    flags.DEFINE_string("checkpoint", None, "A checkpoint prefix (e.g. WORKDIR/checkpoints/"
+                        "ckpt-5000) instead of --workdir's latest one.", **fv)
+    flags.DEFINE_integer("num_samples", 64, "Number of images (rows with --interpolate).", **fv)
+    flags.DEFINE_string("out", "samples.png", "PNG grid to write.", **fv)
+    flags.DEFINE_string("npz", None, "Also save the images as uint8 [N, H, W, C] under "
+                        "'samples' (and their 'seeds') in this .npz, e.g. for FID.", **fv)
+    flags.DEFINE_integer("seed", 0, "Image i uses seed --seed + i.", **fv)
+    flags.DEFINE_string("inpaint", None, "Image file to complete (the model's size); needs "
+                        "--mask.", **fv)
+    flags.DEFINE_string("mask", None, "Inpainting mask: an image file, white = keep the pixel, "
+                        f"black = fill it in; or one of {', '.join(NAMED_MASKS)}.", **fv)
+    flags.DEFINE_boolean("interpolate", False, "Interpolate between the noise of two seeds "
+                         "per row (the official angle scheme).", **fv)
+    flags.DEFINE_integer("n_interpolations", 15, "Images per row with --interpolate.", **fv)
+    flags.DEFINE_boolean("data_init", None, "Start from test images perturbed by sigma_1 "
+                         "instead of uniform noise. Default: from the config.", **fv)
+    flags.DEFINE_integer("trajectory_every", 0, "Also save x after every k-th Langevin step: "
+                         "OUT_trajectory.png (one row per frame, the first "
+                         f"{_TRAJECTORY_COLUMNS} images) and 'trajectory' in --npz.", **fv)
+    flags.DEFINE_string("diagnostics_dir", None, "Write the official per-step diagnostics "
+                        "(grad norm, image norm, SNR) of the first batch to TensorBoard here.",
+                        **fv)
+    flags.DEFINE_integer("levels_per_call", None, "Noise levels per graph call (progress "
+                         "granularity). Default: about 1/50 of the levels.", **fv)
+    flags.DEFINE_boolean("jit_compile", False, "Compile the sampler with XLA.", **fv)
+    flags.DEFINE_enum("precision", None, ["fp32", "bf16", "fp16"], "Compute precision of the "
+                      "network. Default: the one it was trained with.", **fv)
+    flags.DEFINE_boolean("no_ema", False, "Sample with the live weights instead of the EMA "
+                         "ones.", **fv)
+    for field in _SAMPLER_FIELDS:
+        help_text = f"{config_flags.HELP[field]} Default: from the checkpoint's config."
+        if field == "denoise":
+            flags.DEFINE_boolean(field, None, help_text, **fv)
+        elif field == "step_lr":
+            flags.DEFINE_float(field, None, help_text, **fv)
+        else:
+            flags.DEFINE_integer(field, None, help_text, **fv)
+
+
+def _check_flags(f) -> None:
+    if (f.workdir is None) == (f.checkpoint is None):
+        raise app.UsageError("Give exactly one of --workdir and --checkpoint.")
+    if f.num_samples < 1:
+        raise app.UsageError(f"--num_samples={f.num_samples} must be >= 1")
+    if (f.inpaint is None) != (f.mask is None):
+        raise app.UsageError("--inpaint and --mask go together: the image and which of its "
+                             "pixels to keep.")
+    if f.inpaint and (f.interpolate or f.data_init):
+        raise app.UsageError("--inpaint cannot be combined with --interpolate or --data_init.")
+    if f.interpolate and f.n_interpolations < 2:
+        raise app.UsageError(f"--n_interpolations={f.n_interpolations} must be >= 2")
+    if f.trajectory_every < 0:
+        raise app.UsageError("--trajectory_every must be >= 0 (0 = off)")
+    if f.levels_per_call is not None and f.levels_per_call < 1:
+        raise app.UsageError("--levels_per_call must be >= 1")
+    if not f.out.lower().endswith(".png"):
+        raise app.UsageError(f"--out={f.out} must be a .png file")
+
+
+def _batches(n: int, size: int):
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _write_outputs(f, samples: np.ndarray, seeds: np.ndarray, ncol: int | None,
+                   trajectory: np.ndarray | None) -> None:
+    for path in (f.out, f.npz):
+        if path and os.path.dirname(path):
+            tf.io.gfile.makedirs(os.path.dirname(path))
+    sampling.save_image_grid(samples.astype(np.float32) / 255.0, f.out, ncol=ncol)
+    written = [f.out]
+    if trajectory is not None:
+        frames = trajectory[:, :_TRAJECTORY_COLUMNS]
+        path = os.path.splitext(f.out)[0] + "_trajectory.png"
+        sampling.save_image_grid(
+            frames.reshape((-1,) + frames.shape[2:]).astype(np.float32) / 255.0, path,
+            ncol=frames.shape[1])
+        written.append(path)
+    if f.npz:
+        arrays = {"samples": samples, "seeds": seeds}
+        if trajectory is not None:
+            arrays["trajectory"] = trajectory
+        buffer = io.BytesIO()  # np.savez needs a seekable file; GFile also writes gs://
+        np.savez(buffer, **arrays)
+        with tf.io.gfile.GFile(f.npz, "wb") as out:
+            out.write(buffer.getvalue())
+        written.append(f.npz)
+    print(f"Wrote {', '.join(written)} ({len(samples)} images)")
+
+
+def _sample(f) -> None:
+    from ncsn_tf import checkpoints
+
+    net, config, step = checkpoints.load(f.workdir or f.checkpoint, ema=not f.no_ema,
+                                           precision=f.precision)
+    config = presets.override(config, **{k: f[k].value for k in _SAMPLER_FIELDS
+                                          if f[k].value is not None})
+    config_flags.validate(config)
+    shape = (config.data.image_size, config.data.image_size, config.data.channels)
+    score_fn = tf.function(  # traced once, called by every graph of the sampler
+        lambda x, labels: net(x, labels, training=False),
+        input_signature=[tf.TensorSpec([None, *shape]), tf.TensorSpec([None], tf.int32)])
+    sampler = sampling.AnnealedLangevin.from_config(
+        score_fn, net.sigmas, config,
+        trajectory_every=f.trajectory_every, diagnostics=f.diagnostics_dir is not None,
+        jit_compile=f.jit_compile)
+    levels, n = sampler.num_levels, f.num_samples
+    image = mask = starts = None
+    if f.inpaint:
+        image, mask = read_image(f.inpaint, shape), read_mask(f.mask, shape)
+    if config.sampling.data_init if f.data_init is None else f.data_init:
+        starts = _data_init_images(config, n)
+    k = f.n_interpolations if f.interpolate else 1
+    batches = _batches(n, max(1, config.sampling.sampling_batch_size // k))
+    levels_per_call = f.levels_per_call or max(1, math.ceil(levels / 50))
+    logging.info("Sampling %d images from step %d: L=%d, T=%d, step_lr=%g, denoise=%s, %d "
+                 "batch(es)", n * k, step, levels, config.sampling.n_steps_each,
+                 config.sampling.step_lr, config.sampling.denoise, len(batches))
+    writer = tf.summary.create_file_writer(f.diagnostics_dir) if f.diagnostics_dir else None
+    progress = Progress(n * k, levels, len(batches))
+    seeds = np.arange(f.seed, f.seed + n, dtype=np.int64)
+    samples, trajectories = [], []
+    for b, (lo, hi) in enumerate(batches):
+        batch_seeds = seeds[lo:hi]
+        batch_starts = None if starts is None else starts[lo:hi]
+        if f.interpolate:
+            out = interpolate(sampler, batch_seeds, batch_seeds + n, k, batch_starts)
+            progress.update(b, levels, (hi - lo) * k)
+        else:
+            batch_image = None if image is None else np.repeat(image[None], hi - lo, axis=0)
+            out = run_in_chunks(
+                sampler, batch_seeds, data=batch_starts, image=batch_image, mask=mask,
+                levels_per_call=levels_per_call,
+                on_chunk=lambda done, b=b, m=hi - lo: progress.update(b, done, m))
+        samples.append(sampling.to_uint8(out["samples"]).numpy())
+        if "trajectory" in out:
+            trajectories.append(out["trajectory"])
+        if writer and b == 0:
+            for first_step, values in out["diagnostics"]:
+                sampling.write_diagnostics(writer, values, first_step=first_step)
+    if f.interpolate:
+        seeds = np.stack([seeds, seeds + n], axis=1)
+    _write_outputs(f, np.concatenate(samples), seeds, k if f.interpolate else None,
+                   np.concatenate(trajectories, axis=1) if trajectories else None)
+
+
+def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    f = flag_values
+    try:
+        if len(argv) > 1:
+            raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        _check_flags(f)
+        _sample(f)
+    except (app.UsageError, FileNotFoundError, ValueError) as e:  # incl. data.MissingDataError
+        sys.exit(f"sample: {e}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

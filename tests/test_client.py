@@ -1,0 +1,250 @@
+"""TF Serving's REST format on the exported model, and ncsn_tf.client against a local server.
+
+`request_tensors` and `response_body` follow TF Serving's JSON rules (tensorflow_serving/util/
+json_tensor.cc): the row format ("instances") stacks each input's per-instance values along a
+new batch axis, the columnar format ("inputs") takes each input as one tensor; JSON values are
+converted to the dtype the signature declares; string outputs whose names end in `_bytes` are
+returned as {"b64": ...}. The local server answers predict requests with them through
+`tf.saved_model.load`, so the client meets the same JSON a real server sends.
+"""
+import base64
+import http.server
+import json
+import re
+import socket
+import threading
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import flags
+
+from ncsn_tf import client, export, models, presets
+
+CONFIG = presets.override(presets.get("digits"), ngf=4, num_scales=3, n_steps_each=1)
+SETTINGS = export.ServingSettings(n_steps_each=1, step_lr=2e-5, denoise=True, max_batch=4)
+
+
+def request_tensors(body: dict, signature) -> dict[str, tf.Tensor]:
+    """The input tensors TF Serving makes of a predict request body for `signature`."""
+    specs = signature.structured_input_signature[1]
+    if ("instances" in body) == ("inputs" in body):
+        raise ValueError("Missing 'inputs' or 'instances' key (exactly one is needed)")
+    is_named = lambda v: isinstance(v, dict) and set(v) != {"b64"}  # noqa: E731
+    if "instances" in body:
+        rows = body["instances"]
+        if not rows:
+            raise ValueError("No values in 'instances' array")
+        if is_named(rows[0]):
+            for i, row in enumerate(rows):
+                if set(row) != set(specs):
+                    raise ValueError(f"instance {i} keys must be equal to: {sorted(specs)}")
+            columns = {name: [row[name] for row in rows] for name in specs}
+        else:
+            (name,) = specs
+            columns = {name: rows}
+    else:
+        inputs = body["inputs"]
+        if is_named(inputs):
+            missing = set(specs) - set(inputs)
+            if missing:
+                raise ValueError(f"Missing named input: {missing} in 'inputs' object.")
+            columns = {name: inputs[name] for name in specs}
+        else:
+            (name,) = specs
+            columns = {name: inputs}
+    return {name: tf.constant(_unb64(value), dtype=specs[name].dtype)
+            for name, value in columns.items()}
+
+
+def _unb64(value):
+    if isinstance(value, list):
+        return [_unb64(v) for v in value]
+    if isinstance(value, dict):
+        return base64.b64decode(value["b64"])
+    return value
+
+
+def response_body(outputs: dict[str, tf.Tensor], row_format: bool) -> dict:
+    """The JSON TF Serving answers with (row format: "predictions", else "outputs")."""
+    def to_json(name, array):
+        array = np.asarray(array, dtype=object if outputs[name].dtype == tf.string else None)
+        if array.dtype == object:
+            as_b64 = name.endswith("_bytes")
+            flat = [{"b64": base64.b64encode(b).decode()} if as_b64 else b.decode()
+                    for b in array.reshape(-1)]
+            return np.array(flat, dtype=object).reshape(array.shape).tolist()
+        return array.tolist()
+
+    arrays = {name: t.numpy() for name, t in outputs.items()}
+    if row_format:
+        batch = {len(a) for a in arrays.values()}
+        assert len(batch) == 1, "all outputs need the same batch size in the row format"
+        rows = [{name: to_json(name, a[i]) for name, a in arrays.items()}
+                for i in range(batch.pop())]
+        if len(arrays) == 1:
+            rows = [next(iter(row.values())) for row in rows]
+        return {"predictions": rows}
+    columns = {name: to_json(name, a) for name, a in arrays.items()}
+    return {"outputs": columns if len(columns) > 1 else next(iter(columns.values()))}
+
+
+def serve(model, body: dict) -> dict:
+    """One predict request through JSON both ways, as over HTTP."""
+    body = json.loads(json.dumps(body))
+    fn = model.signatures[body.get("signature_name", "serving_default")]
+    outputs = fn(**request_tensors(body, fn))
+    return json.loads(json.dumps(response_body(outputs, "instances" in body)))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    keras.utils.set_random_seed(0)
+    net = models.build(CONFIG)
+    path = export.export(net, CONFIG, 5, str(tmp_path_factory.mktemp("models")), "ncsn",
+                         settings=SETTINGS)
+    return tf.saved_model.load(path)
+
+
+def _decode(png_b64: dict) -> np.ndarray:
+    return tf.io.decode_png(base64.b64decode(png_b64["b64"])).numpy()
+
+
+def test_row_and_columnar_requests(model):
+    rows = serve(model, {"instances": [{"seed": 1}, {"seed": 2}]})["predictions"]
+    columns = serve(model, {"signature_name": "serving_default",
+                            "inputs": {"seed": [1, 2]}})["outputs"]
+    assert len(rows) == 2 and set(rows[0]) == {"images", "png_bytes"}
+    images = np.array(columns["images"])
+    assert images.shape == (2, 16, 16, 1) and images.min() >= 0 and images.max() <= 255
+    for i in range(2):
+        np.testing.assert_array_equal(np.array(rows[i]["images"]), images[i])
+        np.testing.assert_array_equal(_decode(rows[i]["png_bytes"]), images[i])
+        np.testing.assert_array_equal(_decode(columns["png_bytes"][i]), images[i])
+    # A bare list of instances works too, as the signature has a single input.
+    bare = serve(model, {"instances": [2]})["predictions"]
+    np.testing.assert_array_equal(np.array(bare[0]["images"]), images[1])
+
+
+def test_sample_with_settings_takes_columnar_scalars(model):
+    body = {"signature_name": "sample_with_settings",
+            "inputs": {"seed": [3], "n_steps_each": 1, "step_lr": 2e-5, "denoise": True}}
+    out = serve(model, body)["outputs"]
+    default = serve(model, {"inputs": {"seed": [3]}})["outputs"]
+    assert out["images"] == default["images"]
+    body["inputs"].update(n_steps_each=2, denoise=False)
+    assert serve(model, body)["outputs"]["images"] != default["images"]
+
+
+def test_inpaint_and_score_requests(model):
+    image = np.round(np.random.default_rng(0).uniform(size=(1, 16, 16, 1)) * 255) / 255
+    mask = np.zeros((1, 16, 16, 1))
+    mask[:, 4:12] = 1
+    out = serve(model, {"signature_name": "inpaint", "instances": [
+        {"image": image[0].tolist(), "mask": mask[0].tolist(), "seed": 9}]})["predictions"]
+    completed = np.array(out[0]["images"])
+    np.testing.assert_array_equal(completed[4:12], np.round(image[0, 4:12] * 255))
+    score = serve(model, {"signature_name": "score",
+                          "inputs": {"x": image.tolist(), "noise_level": [2]}})["outputs"]
+    assert np.array(score).shape == (1, 16, 16, 1)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """POST /v1/models/NAME[/versions/N]:predict, answered like TF Serving."""
+
+    def do_POST(self):
+        match = re.fullmatch(r"/v1/models/([^/:]+)(?:/versions/(\d+))?:predict", self.path)
+        name = match and match[1]
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if name == "slow":
+            time.sleep(2)
+        if name not in self.server.models:
+            return self._reply(404, {"error": f"Servable not found for request: Latest({name})"})
+        try:
+            self._reply(200, serve(self.server.models[name], json.loads(body)))
+        except tf.errors.InvalidArgumentError as e:
+            self._reply(400, {"error": e.message})
+        except (ValueError, KeyError, TypeError) as e:
+            self._reply(400, {"error": str(e)})
+
+    def _reply(self, code, payload):
+        data = json.dumps(payload).encode()
+        try:
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (the timeout test)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    """A local REST server; it shuts itself down after 5 minutes if the test hangs."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.models = {"ncsn": model}
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1},
+                              daemon=True)
+    thread.start()
+    watchdog = threading.Timer(300, httpd.shutdown)
+    watchdog.daemon = True
+    watchdog.start()
+    yield f"127.0.0.1:{httpd.server_address[1]}"
+    watchdog.cancel()
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=10)
+
+
+def test_client_cli_writes_a_grid(model, server, tmp_path):
+    fv = flags.FlagValues()
+    client.define_flags(fv)
+    out = tmp_path / "grid.png"
+    argv = fv(["client", f"--host={server}", "--model=ncsn", "--num_samples=4", "--seed=10",
+               "--batch_size=3", f"--out={out}"])
+    client.main(argv, fv)
+    grid = tf.io.decode_png(tf.io.read_file(str(out))).numpy()
+    assert grid.shape == (2 * 18 + 2, 2 * 18 + 2, 1)  # 2x2 cells of 16 px, 2 px padding
+    images = model.signatures["serving_default"](
+        seed=tf.constant([10, 11, 12, 13], tf.int64))["images"].numpy()
+    for i, image in enumerate(images):
+        r, c = divmod(i, 2)
+        np.testing.assert_array_equal(grid[2 + 18 * r:18 + 18 * r, 2 + 18 * c:18 + 18 * c],
+                                      image)
+
+
+def test_client_with_settings(server):
+    settings = {"n_steps_each": 2, "step_lr": 1e-5, "denoise": False}
+    pngs = client.sample_pngs(server, "ncsn", [1, 2], settings=settings)
+    assert [tf.io.decode_png(p).shape for p in pngs] == [(16, 16, 1)] * 2
+
+
+def test_client_reports_serving_errors(server):
+    with pytest.raises(client.ServingError, match=r"(?s)HTTP 400: .*seed must hold 1 to 4 seeds"):
+        client.sample_pngs(server, "ncsn", range(5))
+    with pytest.raises(client.ServingError, match=r"HTTP 404: Servable not found"):
+        client.sample_pngs(server, "nonexistent", [1])
+    with pytest.raises(client.ServingError, match="did not answer within 0.5 s"):
+        client.sample_pngs(server, "slow", [1], timeout=0.5)
+
+
+def test_client_reports_connection_refused():
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(client.ServingError, match="Cannot connect to TF Serving .*refused"):
+        client.sample_pngs(f"127.0.0.1:{port}", "ncsn", [1], timeout=5)
+
+
+def test_client_cli_errors_are_one_line(tmp_path):
+    fv = flags.FlagValues()
+    client.define_flags(fv)
+    argv = fv(["client", "--host=127.0.0.1:9", "--n_steps_each=2", f"--out={tmp_path}/g.png"])
+    with pytest.raises(SystemExit, match="client: .*go together"):
+        client.main(argv, fv)

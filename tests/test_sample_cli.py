@@ -1,0 +1,183 @@
+"""`python -m ncsn_tf.sample`: grids, .npz arrays, seeds, inpainting, interpolation, data_init,
+trajectories and errors, on a tiny workdir and on an imported official checkpoint."""
+import io
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import flags
+
+from ncsn_tf import checkpoints, models, presets, sample, sampling
+
+CONFIG = presets.override(presets.get("digits"), ngf=4, num_scales=4, n_steps_each=1,
+                          sampling_batch_size=3)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OFFICIAL = os.path.join(REPO, "tests", "fixtures", "ncsnv2_reference")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    keras.utils.set_random_seed(0)
+    net, ema_net = models.build(CONFIG), models.build(CONFIG)
+    path = str(tmp_path_factory.mktemp("run"))
+    checkpoints.save_converted(path, CONFIG, net, ema_net, 300)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(workdir):
+    """Seeds 3..7 sampled in one graph call by the library on the EMA network."""
+    net, config, _ = checkpoints.load(workdir)
+    sampler = sampling.AnnealedLangevin.from_config(
+        lambda x, labels: net(x, labels, training=False), net.sigmas, config)
+    return sampling.to_uint8(sampler.sample(np.arange(3, 8))["samples"]).numpy()
+
+
+def run(*args):
+    fv = flags.FlagValues()
+    sample.define_flags(fv)
+    sample.main(fv(["sample", *args]), fv)
+
+
+def _png(path):
+    return tf.io.decode_png(tf.io.read_file(str(path))).numpy()
+
+
+def _cell(grid, r, c, size=16, padding=2):
+    top, left = padding + r * (size + padding), padding + c * (size + padding)
+    return grid[top:top + size, left:left + size]
+
+
+def test_samples_grid_npz_and_seeds(workdir, reference, tmp_path):
+    # 5 images in batches of 3 and 2, one noise level per call: the same images as one call.
+    run(f"--workdir={workdir}", "--num_samples=5", "--seed=3", f"--out={tmp_path}/s.png",
+        f"--npz={tmp_path}/s.npz")
+    saved = np.load(tmp_path / "s.npz")
+    assert saved["samples"].dtype == np.uint8 and saved["samples"].shape == (5, 16, 16, 1)
+    np.testing.assert_array_equal(saved["seeds"], [3, 4, 5, 6, 7])
+    np.testing.assert_array_equal(saved["samples"], reference)
+    grid = _png(tmp_path / "s.png")
+    assert grid.shape == (2 * 18 + 2, 3 * 18 + 2, 1)  # ⌈√5⌉ = 3 columns, 2 rows
+    for i in range(5):
+        np.testing.assert_array_equal(_cell(grid, *divmod(i, 3)), reference[i])
+    # Other seeds, batch split and chunking: image of seed s is the same.
+    run(f"--checkpoint={workdir}/checkpoints/ckpt-300", "--num_samples=2", "--seed=5",
+        "--levels_per_call=3", f"--out={tmp_path}/t.png", f"--npz={tmp_path}/t.npz")
+    np.testing.assert_array_equal(np.load(tmp_path / "t.npz")["samples"], reference[2:4])
+
+
+def test_inpaint_keeps_the_known_pixels(workdir, tmp_path):
+    image = np.random.default_rng(0).integers(0, 256, (16, 16, 1), dtype=np.uint8)
+    tf.io.write_file(str(tmp_path / "image.png"), tf.io.encode_png(image))
+    mask = np.zeros((16, 16, 1), np.uint8)
+    mask[:6] = 255  # keep the top 6 rows
+    tf.io.write_file(str(tmp_path / "mask.png"), tf.io.encode_png(mask))
+    run(f"--workdir={workdir}", "--num_samples=2", f"--inpaint={tmp_path}/image.png",
+        f"--mask={tmp_path}/mask.png", f"--out={tmp_path}/in.png", f"--npz={tmp_path}/in.npz")
+    samples = np.load(tmp_path / "in.npz")["samples"]
+    assert samples.shape == (2, 16, 16, 1)
+    np.testing.assert_array_equal(samples[:, :6], np.broadcast_to(image[:6], (2, 6, 16, 1)))
+    assert np.mean(samples[:, 6:] != image[6:]) > 0.5
+    assert not np.array_equal(samples[0, 6:], samples[1, 6:])  # one completion per seed
+
+
+def test_named_masks():
+    shape = (8, 6, 3)
+    right = sample.read_mask("right_half", shape)[..., 0]
+    np.testing.assert_array_equal(right, np.repeat([[1, 1, 1, 0, 0, 0]], 8, 0))
+    bottom = sample.read_mask("bottom_half", shape)[..., 0]
+    np.testing.assert_array_equal(bottom, np.repeat([[1]] * 4 + [[0]] * 4, 6, 1))
+    center = sample.read_mask("center", shape)[..., 0]
+    assert center.sum() == 8 * 6 - 4 * 4 and center[2:6, 1:5].sum() == 0
+
+
+def test_interpolate_rows_start_from_the_seed_samples(workdir, reference, tmp_path):
+    run(f"--workdir={workdir}", "--interpolate", "--num_samples=2", "--n_interpolations=3",
+        "--seed=3", f"--out={tmp_path}/i.png", f"--npz={tmp_path}/i.npz")
+    saved = np.load(tmp_path / "i.npz")
+    samples = saved["samples"].reshape(2, 3, 16, 16, 1)
+    np.testing.assert_array_equal(saved["seeds"], [[3, 5], [4, 6]])
+    # Angle 0 uses only the first seed's noise: exactly the plain sample of that seed.
+    np.testing.assert_array_equal(samples[:, 0], reference[:2])
+    assert not np.array_equal(samples[:, 2], reference[:2])
+    grid = _png(tmp_path / "i.png")
+    assert grid.shape == (2 * 18 + 2, 3 * 18 + 2, 1)  # one row per pair of seeds
+    np.testing.assert_array_equal(_cell(grid, 1, 2), samples[1, 2])
+
+
+def test_data_init_trajectory_and_diagnostics(workdir, reference, tmp_path):
+    run(f"--workdir={workdir}", "--data_init", "--num_samples=2", "--seed=3",
+        "--trajectory_every=2", f"--diagnostics_dir={tmp_path}/tb", f"--out={tmp_path}/d.png",
+        f"--npz={tmp_path}/d.npz")
+    saved = np.load(tmp_path / "d.npz")
+    assert saved["samples"].shape == (2, 16, 16, 1)
+    assert not np.array_equal(saved["samples"], reference[:2])  # other starting points
+    # L·T = 4 steps, a frame after every 2nd: 2 frames of both images.
+    assert saved["trajectory"].dtype == np.uint8 and saved["trajectory"].shape == (2, 2, 16,
+                                                                                   16, 1)
+    assert _png(tmp_path / "d_trajectory.png").shape == (2 * 18 + 2, 2 * 18 + 2, 1)
+    assert tf.io.gfile.glob(f"{tmp_path}/tb/events.out.tfevents.*")
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_counts_levels_and_images():
+    stream = _Terminal()
+    progress = sample.Progress(num_images=5, num_levels=4, num_batches=2, stream=stream)
+    for done in (2, 4):
+        progress.update(0, done, 3)
+    progress.update(1, 4, 2)
+    lines = stream.getvalue().split("\r")[1:]
+    assert len(lines) == 3
+    assert lines[0].startswith("batch 1/2 (3 images)  levels 2/4 [" + "=" * 12 + " " * 12 + "]")
+    assert progress.images_done == pytest.approx(5)
+    assert lines[-1].startswith("batch 2/2 (2 images)  levels 4/4 [" + "=" * 24 + "]")
+    assert lines[-1].endswith("ETA 0:00:00\n") and "images/s" in lines[-1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workdir={tmp}/missing"], "is neither a workdir nor a checkpoint prefix"),
+    (["--workdir={workdir}", "--checkpoint={workdir}"], "exactly one of --workdir"),
+    (["--workdir={workdir}", "--inpaint={tmp}/image.png"], "--inpaint and --mask go together"),
+    (["--workdir={workdir}", "--inpaint={tmp}/image.png", "--mask={tmp}/small.png"],
+     "but the model makes 16x16 images"),
+    (["--workdir={workdir}", "--inpaint={tmp}/none.png", "--mask=center"], "does not exist"),
+    (["--workdir={workdir}", "--out={tmp}/x.jpg"], "must be a .png file"),
+    (["--workdir={workdir}", "--step_lr=-1"], "--step_lr=-1.0 must be > 0"),
+])
+def test_errors_are_one_line(workdir, tmp_path, args, message):
+    tf.io.write_file(str(tmp_path / "image.png"), tf.io.encode_png(np.zeros((16, 16, 1),
+                                                                           np.uint8)))
+    tf.io.write_file(str(tmp_path / "small.png"), tf.io.encode_png(np.zeros((8, 8, 1),
+                                                                           np.uint8)))
+    args = [a.format(tmp=tmp_path, workdir=workdir) for a in args]
+    with pytest.raises(SystemExit, match="^sample: ") as error:
+        run(f"--out={tmp_path}/o.png", *args)  # a later --out wins
+    assert message in str(error.value)
+
+
+def test_official_checkpoint_from_the_importer(tmp_path):
+    pytest.importorskip("torch", reason="torch reads the official .pth checkpoints")
+    from ncsn_tf import convert
+
+    workdir = str(tmp_path / "official")
+    convert.convert(os.path.join(OFFICIAL, "ncsnv2_28.pth"),
+                    os.path.join(OFFICIAL, "ncsnv2_28.yml"), workdir)
+    # As a user runs it: a separate process through `python -m`.
+    result = subprocess.run(
+        [sys.executable, "-m", "ncsn_tf.sample", f"--workdir={workdir}", "--num_samples=2",
+         "--n_steps_each=1", f"--out={tmp_path}/o.png", f"--npz={tmp_path}/o.npz"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "levels 10/10" in result.stderr  # the progress bar went through all levels
+    samples = np.load(tmp_path / "o.npz")["samples"]
+    assert samples.dtype == np.uint8 and samples.shape == (2, 28, 28, 1)
+    assert _png(tmp_path / "o.png").shape == (2 + 30, 2 * 30 + 2, 1)  # 28 px cells
