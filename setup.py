@@ -25,7 +25,7 @@ setup(
         # Exactly one TensorFlow distribution: pick `cpu` or `gpu`.
         "cpu": ["tensorflow-cpu>=2.21,<2.22"],
         "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
-        "torch": ["torch>=2.0"],  # only to read official .pth checkpoints
+        "torch": ["torch>=2.4"],  # only to read official .pth checkpoints
         "pipelines": ["kfp==2.17.0"],
         "test": ["pytest>=8", "pytest-timeout"],
     },
