@@ -55,7 +55,10 @@ class RefineNetScore(keras.Model):
                 width if deepest else widths[max(i - 1, 0)], end=i == 0, dtype=dt))
         self.normalizer = InstanceNormPlus(ngf, dtype=dt)
         self.end_conv = conv2d(ngf, channels, dtype=dt)
-        self.built = True  # every weight was created above; no input shape is needed
+        # Every weight was created above, so no input shape is needed. Mark the sublayers
+        # built too: otherwise Keras tries to build them symbolically under a strategy scope.
+        for layer in self._flatten_layers(include_self=True):
+            layer.built = True
 
     @classmethod
     def downsampling(cls) -> int:

@@ -1,0 +1,318 @@
+"""Keras callbacks that run a `ScoreModel.fit` job: safety, checkpoints, logging, previews.
+
+They count steps as `start_step + batch + 1`, the optimizer step a resumed run continues from,
+and act when that step reaches a multiple of their frequency. They are meant to run in this
+order (`training.train` builds them so): `NonFiniteLossGuard` (stop before anything is
+written), `ProgressLogger` (reads and resets the windowed metrics), `HeldOutLoss` (uses the
+freshly reset metrics), `Checkpointer`, `SnapshotSampler`. Every process of a multi-worker job
+runs them all at the same steps (the chief alone samples); only the chief writes (the others
+get no-op TensorBoard writers and a scratch checkpoint directory).
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+import time
+from typing import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from ncsn_tf import sampling
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/Inf loss or gradient; the message names the step and σ."""
+
+
+def _step_of(start_step: int, batch: int) -> int:
+    return start_step + batch + 1
+
+
+def _due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+class NonFiniteLossGuard(keras.callbacks.Callback):
+    """Stops training at the first step whose loss is not finite.
+
+    The metrics are window means, so one non-finite step makes them non-finite until the next
+    reset: the guard sees it at that very step and raises `NonFiniteLossError`, naming the
+    noise-level buckets whose loss went bad, before any checkpoint of that step is written.
+    (A non-finite gradient with a finite loss poisons the weights, hence the next loss; the
+    `Checkpointer` also refuses to write non-finite weights.)
+    """
+
+    def __init__(self, start_step: int, sigmas: np.ndarray, num_buckets: int):
+        super().__init__()
+        self.start_step = start_step
+        self.sigmas = np.asarray(sigmas)
+        self.num_buckets = num_buckets
+
+    def bucket_levels(self, k: int) -> tuple[int, int]:
+        """First and last noise-level index in loss bucket k (buckets are labels·K // L)."""
+        levels = [i for i in range(len(self.sigmas))
+                  if i * self.num_buckets // len(self.sigmas) == k]
+        return levels[0], levels[-1]
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss", 0.0)
+        if math.isfinite(loss):
+            return
+        step = _step_of(self.start_step, batch)
+        buckets = []
+        for k in range(self.num_buckets):
+            value = logs.get(f"loss_bucket_{k}")
+            if value is not None and not math.isfinite(value):
+                first, last = self.bucket_levels(k)
+                buckets.append(f"levels {first}-{last} (sigma {self.sigmas[first]:.4g} to "
+                               f"{self.sigmas[last]:.4g}): {value}")
+        where = ("; non-finite loss at noise " + "; ".join(buckets)) if buckets else ""
+        raise NonFiniteLossError(
+            f"Non-finite loss={loss} at step {step}{where}. Training stopped; no checkpoint of "
+            "this step was written, the latest checkpoint is intact. Lower --lr, set "
+            "--grad_clip, use --precision=fp32, or check the input data for NaNs; re-running "
+            "resumes from the latest checkpoint.")
+
+
+class ProgressLogger(keras.callbacks.Callback):
+    """Every `log_freq` steps: one log line (step, loss, images/s, ETA) and TensorBoard scalars.
+
+    Metrics are means over the steps since the last report: the logger resets the model's
+    metrics after reading them. It also reports at every multiple of `also_every` (the
+    held-out loss frequency) so that `HeldOutLoss` finds the metrics freshly reset.
+    images/s counts only the time inside training steps (data wait included, checkpointing
+    and sampling excluded); the ETA uses the wall-clock rate, which includes everything.
+    """
+
+    def __init__(self, start_step: int, n_iters: int, global_batch: int, log_freq: int,
+                 writer: tf.summary.SummaryWriter, learning_rate: Callable[[], float],
+                 also_every: int = 0, bucket_descriptions: dict[str, str] | None = None):
+        super().__init__()
+        self.start_step, self.n_iters, self.global_batch = start_step, n_iters, global_batch
+        self.log_freq, self.also_every = log_freq, also_every
+        self.writer, self.learning_rate = writer, learning_rate
+        self.bucket_descriptions = bucket_descriptions or {}
+        self._step_begin = None
+        self._busy = 0.0  # seconds inside train steps since the last report
+        self._steps = 0
+        self._wall_start = self._wall_step = None  # time and step after the first step
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._step_begin = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.perf_counter()
+        step = _step_of(self.start_step, batch)
+        if self._wall_start is None:
+            # The first step traces and compiles: leave it out of the rates.
+            self._wall_start, self._wall_step = now, step
+            self._busy, self._steps = 0.0, 0
+        else:
+            self._busy += now - self._step_begin
+            self._steps += 1
+        if _due(step, self.log_freq) or _due(step, self.also_every) or step == self.n_iters:
+            self._report(step, logs or {}, now)
+            self.model.reset_metrics()
+
+    def _report(self, step: int, logs: dict, now: float) -> None:
+        images_per_second = self.global_batch * self._steps / self._busy if self._busy else 0.0
+        done = step - self._wall_step
+        eta = ((self.n_iters - step) * (now - self._wall_start) / done) if done else None
+        with self.writer.as_default(step=step):
+            for key, value in logs.items():
+                tf.summary.scalar(key, value, description=self.bucket_descriptions.get(key))
+            tf.summary.scalar("learning_rate", self.learning_rate())
+            if self._steps:
+                tf.summary.scalar("images_per_second", images_per_second)
+        extra = "  ".join(f"{k} {v:.4g}" for k, v in sorted(logs.items())
+                          if k not in ("loss",) and not k.startswith("loss_bucket"))
+        logging.info("step %d/%d (%.1f%%)  loss %.4f  %s  %s img/s  ETA %s", step, self.n_iters,
+                     100.0 * step / self.n_iters, logs.get("loss", float("nan")), extra,
+                     f"{images_per_second:,.0f}" if self._steps else "-", _duration(eta))
+        self._busy, self._steps = 0.0, 0
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+class HeldOutLoss(keras.callbacks.Callback):
+    """Every `test_freq` steps, the EMA weights' DSM loss on the next held-out batch.
+
+    Runs `ScoreModel.test_step` under the model's distribution strategy on a persistent
+    iterator over the held-out split and logs `test_loss` (and `test_loss_bucket_k`). It uses
+    the model's metrics, which `ProgressLogger` has just reset, and resets them again after.
+    """
+
+    def __init__(self, start_step: int, test_freq: int, iterator,
+                 writer: tf.summary.SummaryWriter):
+        super().__init__()
+        self.start_step, self.test_freq = start_step, test_freq
+        self.iterator, self.writer = iterator, writer
+        self._test_fn = None
+
+    def _build(self):
+        strategy = self.model.distribute_strategy
+
+        @tf.function
+        def test_fn(iterator):
+            outputs = strategy.run(self.model.test_step, args=(next(iterator),))
+            return {k: strategy.reduce("MEAN", v, axis=None) for k, v in outputs.items()}
+
+        return test_fn
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = _step_of(self.start_step, batch)
+        if not _due(step, self.test_freq):
+            return
+        if self._test_fn is None:
+            self._test_fn = self._build()
+        self.model.reset_metrics()
+        results = {k: float(tf.reshape(v, [])) for k, v in self._test_fn(self.iterator).items()}
+        self.model.reset_metrics()
+        with self.writer.as_default(step=step):
+            tf.summary.scalar("test_loss", results["loss"])
+            for key, value in results.items():
+                if key.startswith("loss_bucket_"):
+                    tf.summary.scalar("test_" + key, value)
+        logging.info("step %d  test_loss %.4f (EMA weights, one held-out batch)", step,
+                     results["loss"])
+
+
+class Checkpointer(keras.callbacks.Callback):
+    """Saves every `snapshot_freq` steps, at the end, and when a stop was requested.
+
+    `request_stop()` (called by the SIGTERM/SIGINT handler of `PreemptionSignals`) makes it
+    save at the next step boundary and stop training; `stop_signal` then holds the signal.
+    In multi-worker jobs `agree` turns the local request into one all workers share, so all
+    of them save and stop at the same step. Before writing, the weights are checked to be
+    finite: a NaN checkpoint is never written.
+    """
+
+    def __init__(self, start_step: int, snapshot_freq: int, save: Callable[[int], str],
+                 weights: Callable[[], list], agree: Callable[[bool], bool] | None = None):
+        super().__init__()
+        self.start_step, self.snapshot_freq = start_step, snapshot_freq
+        self._save, self._weights, self._agree = save, weights, agree
+        self.stop_signal: int | None = None
+        self.last_saved = start_step
+        self.step = start_step
+
+    def request_stop(self, signum: int) -> None:
+        self.stop_signal = signum
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step = _step_of(self.start_step, batch)
+        stop = self.stop_signal is not None
+        if self._agree is not None:
+            stop = self._agree(stop)
+            if stop and self.stop_signal is None:
+                self.stop_signal = signal.SIGTERM  # another worker was told to stop
+        if stop or _due(self.step, self.snapshot_freq):
+            self.save()
+        if stop:
+            logging.warning("Stopping at step %d on signal %d; checkpoint saved. Re-run the same "
+                            "command to resume.", self.step, self.stop_signal)
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if self.step != self.last_saved:
+            self.save()
+
+    def save(self) -> None:
+        if self.step == self.last_saved:
+            return
+        if not bool(_all_finite([tf.convert_to_tensor(w) for w in self._weights()])):
+            raise NonFiniteLossError(
+                f"Non-finite weights at step {self.step}; not writing a checkpoint. The latest "
+                f"checkpoint (step {self.last_saved}) is intact.")
+        path = self._save(self.step)
+        self.last_saved = self.step
+        logging.info("step %d  saved checkpoint %s", self.step, path)
+
+
+@tf.function
+def _all_finite(tensors: list[tf.Tensor]) -> tf.Tensor:
+    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors
+                          if t.dtype.is_floating])
+
+
+class PreemptionSignals:
+    """Context manager: SIGTERM/SIGINT ask `checkpointer` to save and stop at the next step.
+
+    A second signal of the same kind gets the default behaviour (terminate / KeyboardInterrupt),
+    so a stuck job can still be killed. Handlers are installed only in the main thread.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, checkpointer: Checkpointer):
+        self.checkpointer = checkpointer
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        logging.warning("Received signal %d: saving a checkpoint at the next step, then "
+                        "stopping.", signum)
+        self.checkpointer.request_stop(signum)
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+
+class SnapshotSampler(keras.callbacks.Callback):
+    """Every `snapshot_freq` steps: a short annealed Langevin run from the EMA weights.
+
+    The grid goes to `samples_dir/samples_<step>.png` and to TensorBoard as `samples`. The
+    same `seeds` every time, so successive grids show the same chains as the model improves.
+    """
+
+    def __init__(self, start_step: int, snapshot_freq: int, sampler: sampling.AnnealedLangevin,
+                 seeds: np.ndarray, samples_dir: str, writer: tf.summary.SummaryWriter,
+                 enabled: bool = True):
+        super().__init__()
+        self.start_step, self.snapshot_freq = start_step, snapshot_freq
+        self.sampler, self.seeds = sampler, seeds
+        self.samples_dir, self.writer, self.enabled = samples_dir, writer, enabled
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = _step_of(self.start_step, batch)
+        if _due(step, self.snapshot_freq):
+            self.sample(step)
+
+    def sample(self, step: int) -> None:
+        if not self.enabled:
+            return
+        start = time.perf_counter()
+        images = self.sampler.sample(self.seeds)["samples"]
+        path = os.path.join(self.samples_dir, f"samples_{step}.png")
+        write_grid(images, path, self.writer, "samples", step)
+        logging.info("step %d  wrote %s (%d samples, %.1f s)", step, path, len(self.seeds),
+                     time.perf_counter() - start)
+
+
+def write_grid(images, path: str, writer: tf.summary.SummaryWriter, tag: str,
+               step: int) -> None:
+    """Saves images [N, H, W, C] in [0, 1] as a PNG grid and logs that grid to TensorBoard."""
+    tf.io.gfile.makedirs(os.path.dirname(path))
+    sampling.save_image_grid(images, path)
+    with writer.as_default(step=step):
+        grid = tf.io.decode_png(tf.io.read_file(path))
+        tf.summary.image(tag, grid[None], step=step)
