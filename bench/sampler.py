@@ -1,0 +1,86 @@
+"""Score-evaluation and sampler throughput of an NCSNv2 score network.
+
+    python bench/sampler.py --preset cifar10 --batch 32 --precision fp32|bf16 [--jit_compile]
+
+Prints one JSON line with
+- score evaluations: images/s of one `net(x, labels, training=False)` call on a batch (what the
+  official benchmark calls score evaluation), its convolution GFLOP per image and GFLOP/s;
+- the sampler: `AnnealedLangevin.run_levels` over the first `--levels` noise levels, the same
+  graph (one tf.while_loop over all steps) that `sample` runs, as Langevin steps/s and
+  images·steps/s, and the time of one step over that of one score evaluation;
+- peak host memory and the same-run 3x3-conv forward ceiling in float32 and bfloat16.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import common
+import tensorflow as tf
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_model_flags(parser)
+    common.add_timing_flags(parser)
+    parser.add_argument("--levels", type=int, default=2,
+                        help="noise levels the timed sampler run covers (n_steps_each each)")
+    args = parser.parse_args(argv)
+    config = common.setup(args)
+    machine = common.machine()
+    from ncsn_tf import models
+    from ncsn_tf.sampling import AnnealedLangevin
+
+    if not 1 <= args.levels <= config.model.num_scales:
+        raise ValueError(f"--levels must be in [1, {config.model.num_scales}], got {args.levels}")
+    net = models.build(config)
+    size, channels = config.data.image_size, config.data.channels
+    images = tf.random.stateless_uniform([args.batch, size, size, channels], seed=[1, 2])
+    labels = tf.zeros([args.batch], tf.int32)
+
+    score = tf.function(lambda x, y: net(x, y, training=False), jit_compile=args.jit_compile)
+    score_seconds = common.time_calls(lambda: score(images, labels).numpy(), args.warmup,
+                                      args.repeats)
+    score_step = statistics.median(score_seconds)
+    flops = common.conv_flops(score.get_concrete_function(images, labels).graph)
+
+    sampler = AnnealedLangevin.from_config(lambda x, y: net(x, y, training=False), net.sigmas,
+                                           config, jit_compile=args.jit_compile)
+    seeds = tf.range(args.batch, dtype=tf.int64)
+    start = sampler.init(seeds)
+    run_seconds = common.time_calls(
+        lambda: sampler.run_levels(start, seeds, 0, args.levels)["samples"].numpy(),
+        min(args.warmup, 1), max(args.repeats // 2, 1))
+    run = statistics.median(run_seconds)
+    steps = args.levels * config.sampling.n_steps_each
+    peak_rss = common.peak_rss_mib()
+
+    record = {
+        "bench": "sampler", "preset": config.name, "arch": models.arch_name(config),
+        "ngf": config.model.ngf, "params": common.count_params(net), "batch": args.batch,
+        "precision": args.precision, "jit_compile": args.jit_compile,
+        "score_images_per_s": round(args.batch / score_step, 3),
+        "score_s": [round(t, 4) for t in score_seconds],
+        "gflop_per_image": round(flops / args.batch / 1e9, 6),
+        "gflop_per_s": round(flops / score_step / 1e9, 1),
+        "sampler_steps": steps,
+        "sampler_steps_per_s": round(steps / run, 4),
+        "sampler_images_steps_per_s": round(args.batch * steps / run, 3),
+        # Time of one Langevin step over that of one score evaluation: 1.0 = no overhead.
+        "sampler_step_over_score": round(run / steps / score_step, 3),
+        "sampler_s": [round(t, 3) for t in run_seconds],
+        "peak_rss_mib": round(peak_rss, 1),
+    }
+    ceiling = common.ceilings(args, config, train=False)
+    if ceiling:
+        record["ceiling_gflop_per_s"] = ceiling
+        record["fraction_of_ceiling"] = round(record["gflop_per_s"] / ceiling[args.precision], 3)
+    record["machine"] = machine
+    record["load_avg_1m_end"] = common.load_avg()
+    common.emit(record, args.output)
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""The benchmark scripts in bench/: each runs on a tiny model and prints one valid JSON line, the
+FLOP counting matches closed forms, nothing retraces, and bf16 training tracks float32.
+
+No timing is asserted: the numbers depend on the machine and its load.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(REPO, "bench")
+sys.path.insert(0, BENCH)
+
+import common  # noqa: E402
+import memory_soak  # noqa: E402
+import precision_check  # noqa: E402
+import sampler  # noqa: E402
+import train_step  # noqa: E402
+
+TINY = ["--preset", "digits", "--batch", "4", "--ngf", "8", "--num_scales", "6"]
+
+
+def _one_json_line(capsys) -> dict:
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1, lines
+    return json.loads(lines[0])
+
+
+def test_conv_flops_closed_form():
+    x = tf.TensorSpec([2, 8, 8, 3])
+    kernel = tf.random.normal([3, 3, 3, 5])
+    forward = 2 * 2 * 8 * 8 * 5 * 3 * 3 * 3  # 2 · B·H·W·C_out · kh·kw·C_in
+
+    @tf.function
+    def conv(x):
+        return tf.nn.conv2d(x, kernel, 1, "SAME")
+
+    def conv_and_grads(keep_output):
+        @tf.function
+        def run(x):
+            with tf.GradientTape() as tape:
+                tape.watch([x, kernel])
+                y = tf.nn.conv2d(x, kernel, 1, "SAME")
+            grads = tape.gradient(y, [x, kernel])
+            return [y, *grads] if keep_output else grads
+        return run.get_concrete_function(x).graph
+
+    assert common.conv_flops(conv.get_concrete_function(x).graph) == forward
+    # The input and the filter gradient each cost as much as the forward convolution.
+    assert common.conv_flops(conv_and_grads(keep_output=True)) == 3 * forward
+    # The gradient of a linear map does not need its output: that unused conv is not run.
+    assert common.conv_flops(conv_and_grads(keep_output=False)) == 2 * forward
+    with pytest.raises(ValueError, match="unknown shapes"):
+        common.conv_flops(conv.get_concrete_function(tf.TensorSpec([None, 8, 8, 3])).graph)
+
+
+def test_conv_flops_of_ncsnv2_cifar10_matches_issue():
+    """Issue 7 quotes about 19.8 GFLOP per 32x32 image forward for the CIFAR-10 network."""
+    from ncsn_tf import models, presets
+    net = models.build(presets.get("cifar10"))
+    score = tf.function(lambda x, y: net(x, y, training=False))
+    graph = score.get_concrete_function(tf.TensorSpec([1, 32, 32, 3]),
+                                        tf.TensorSpec([1], tf.int32)).graph
+    assert common.conv_flops(graph) / 1e9 == pytest.approx(19.8, rel=0.005)
+
+
+def test_train_step_and_sampler_benches_print_one_json_line(capsys):
+    train = train_step.main(TINY + ["--warmup", "1", "--repeats", "2"])
+    printed = _one_json_line(capsys)
+    assert printed == json.loads(json.dumps(train))
+    assert printed["bench"] == "train_step" and printed["batch"] == 4
+    assert printed["images_per_s"] > 0 and len(printed["step_s"]) == 2
+    assert set(printed["ceiling_gflop_per_s"]) == {"fp32", "bf16"}
+    assert printed["peak_rss_mib"] > 0 and printed["gflop_per_s"] > 0
+
+    score = sampler.main(TINY + ["--warmup", "1", "--repeats", "1", "--levels", "1",
+                                 "--no-ceiling", "--precision", "bf16"])
+    printed = _one_json_line(capsys)
+    assert printed == json.loads(json.dumps(score))
+    assert printed["precision"] == "bf16" and "ceiling_gflop_per_s" not in printed
+    assert printed["sampler_steps"] == 5  # one level of the digits preset's n_steps_each = 5
+    assert printed["score_images_per_s"] > 0 and printed["sampler_steps_per_s"] > 0
+    # A training step runs every forward convolution and both its gradients, except the
+    # gradient with respect to the input image (begin_conv: 16x16, 1 -> ngf=8 channels).
+    first_conv_input_grad = 2 * 16 * 16 * 8 * 3 * 3 * 1 / 1e9
+    assert train["gflop_per_image"] == pytest.approx(
+        3 * score["gflop_per_image"] - first_conv_input_grad, abs=2e-6)
+
+
+def test_memory_soak_counts_one_trace_per_graph(capsys):
+    record = memory_soak.main(TINY + ["--steps", "20", "--steps_per_epoch", "10",
+                                      "--sampler_calls", "3"])
+    assert _one_json_line(capsys)["bench"] == "memory_soak"
+    assert record["steps"] == 20
+    # One trace of train_step for all epochs; one of the sampler for both batch sizes.
+    assert record["train_traces"] == 1
+    assert record["sampler_traces"] == record["sampler_traces_first_call"] == 1
+
+
+def test_bf16_training_tracks_float32(capsys):
+    """Issue 7: after the same steps from the same start, the bf16 DSM loss on a fixed batch is
+    within 2% of float32's; fp16 (loss scaling) trains too."""
+    record = precision_check.main(["--preset", "digits", "--batch", "16", "--ngf", "8",
+                                   "--steps", "25", "--lr", "1e-3", "--eval_batch", "64",
+                                   "--precisions", "fp32,bf16,fp16"])
+    assert _one_json_line(capsys)["bench"] == "precision_check"
+    fp32, bf16, fp16 = (record["precisions"][p] for p in ("fp32", "bf16", "fp16"))
+    # Training moved the loss a lot, so agreeing within 2% is not agreeing at the start.
+    assert fp32["loss_after"] < 0.7 * fp32["loss_before"]
+    assert abs(bf16["loss_after"] / fp32["loss_after"] - 1.0) <= 0.02
+    assert bf16["rel_diff"] == pytest.approx(bf16["loss_after"] / fp32["loss_after"] - 1.0,
+                                             abs=1e-4)
+    assert fp16["applied_steps"] > 0 and np.isfinite(fp16["loss_after"])
+    assert fp16["loss_after"] < fp16["loss_before"]
+
+
+def test_cli_runs_as_a_script():
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run(
+        [sys.executable, os.path.join(BENCH, "train_step.py"), *TINY, "--warmup", "1",
+         "--repeats", "1", "--no-ceiling", "--intra_op_threads", "1"],
+        capture_output=True, text=True, env=env, timeout=300, check=True)
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    assert json.loads(lines[0])["bench"] == "train_step"
