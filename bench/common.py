@@ -120,7 +120,7 @@ def ceiling_layers(image_size: int, ngf: int) -> list[tuple[int, int]]:
 
 
 def conv_ceiling(batch: int, layers: list[tuple[int, int]], precision: str, train: bool,
-                 warmup: int = 1, repeats: int = 5) -> float:
+                 warmup: int = 1, repeats: int = 10) -> float:
     """GFLOP/s of plain 3x3 "same" convolutions (no bias, no activation) in the compute dtype
     of `precision`, one stack per distinct (resolution, width) in `layers`: forward only, or
     with `train` forward plus the input and filter gradients. The best of `repeats` runs: a

@@ -204,7 +204,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                         **fv)
     flags.DEFINE_integer("levels_per_call", None, "Noise levels per graph call (progress "
                          "granularity). Default: about 1/50 of the levels.", **fv)
-    flags.DEFINE_boolean("jit_compile", False, "Compile the sampler with XLA.", **fv)
+    flags.DEFINE_boolean("jit_compile", False, "Compile the sampler with XLA (meant for "
+                         "GPUs/TPUs; slower on CPU, see README Benchmarks).", **fv)
     flags.DEFINE_enum("precision", None, ["fp32", "bf16", "fp16"], "Compute precision of the "
                       "network. Default: the one it was trained with.", **fv)
     flags.DEFINE_boolean("no_ema", False, "Sample with the live weights instead of the EMA "

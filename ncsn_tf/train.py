@@ -35,8 +35,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                       "(see --tpu). one_device: the first GPU or the CPU.", **fv)
     flags.DEFINE_string("tpu", None, "TPU name or grpc:// address for --strategy=tpu ('local' "
                         "on a TPU VM).", **fv)
-    flags.DEFINE_bool("jit_compile", False, "Compile the training step with XLA (usually "
-                      "faster on GPU/TPU, not on CPU).", **fv)
+    flags.DEFINE_bool("jit_compile", False, "Compile the training step with XLA (meant "
+                      "for GPUs/TPUs; about 0.6x the speed on CPU, see README Benchmarks).", **fv)
     flags.DEFINE_integer("snapshot_samples", 36, "Images in the sample grid drawn at every "
                          "snapshot (0: none; see also --nosnapshot_sampling).", lower_bound=0,
                          **fv)

@@ -20,6 +20,7 @@ import common  # noqa: E402
 import memory_soak  # noqa: E402
 import precision_check  # noqa: E402
 import sampler  # noqa: E402
+import summarize  # noqa: E402
 import train_step  # noqa: E402
 
 TINY = ["--preset", "digits", "--batch", "4", "--ngf", "8", "--num_scales", "6"]
@@ -69,6 +70,27 @@ def test_conv_flops_of_ncsnv2_cifar10_matches_issue():
     assert common.conv_flops(graph) / 1e9 == pytest.approx(19.8, rel=0.005)
 
 
+def test_native_dilated_conv_matches_keras_convolution():
+    """The hot-path Conv2D (one native op for dilated convolutions) computes what Keras'
+    SpaceToBatch route computes, forward and gradients."""
+    from ncsn_tf.models.layers import conv2d
+    conv = conv2d(6, 5, dilation=2)
+    if tf.float32 not in type(conv).NATIVE_DILATION_DTYPES:
+        pytest.skip("native dilated convolutions need oneDNN or a GPU (TF_ENABLE_ONEDNN_OPTS=0?)")
+    x = tf.random.stateless_normal([2, 12, 12, 6], seed=[3, 4])
+
+    def outputs(native):
+        conv.NATIVE_DILATION_DTYPES = frozenset({tf.float32} if native else ())
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = conv(x)
+            loss = tf.reduce_sum(tf.square(y))
+        return [y, *tape.gradient(loss, [x, conv.kernel, conv.bias])]
+
+    for native, keras_way in zip(outputs(True), outputs(False)):
+        np.testing.assert_allclose(native, keras_way, rtol=1e-5, atol=1e-5)
+
+
 def test_train_step_and_sampler_benches_print_one_json_line(capsys):
     train = train_step.main(TINY + ["--warmup", "1", "--repeats", "2"])
     printed = _one_json_line(capsys)
@@ -106,7 +128,7 @@ def test_bf16_training_tracks_float32(capsys):
     """Issue 7: after the same steps from the same start, the bf16 DSM loss on a fixed batch is
     within 2% of float32's; fp16 (loss scaling) trains too."""
     record = precision_check.main(["--preset", "digits", "--batch", "16", "--ngf", "8",
-                                   "--steps", "25", "--lr", "1e-3", "--eval_batch", "64",
+                                   "--steps", "20", "--lr", "1e-3", "--eval_batch", "64",
                                    "--precisions", "fp32,bf16,fp16"])
     assert _one_json_line(capsys)["bench"] == "precision_check"
     fp32, bf16, fp16 = (record["precisions"][p] for p in ("fp32", "bf16", "fp16"))
@@ -119,12 +141,30 @@ def test_bf16_training_tracks_float32(capsys):
     assert fp16["loss_after"] < fp16["loss_before"]
 
 
-def test_cli_runs_as_a_script():
+def test_summary_merges_rounds_by_median_and_divides_by_the_official_model(tmp_path):
+    official = {"bench": "official_reference", "batch": 32}
+    ours = {"bench": "train_step", "batch": 32, "precision": "bf16", "jit_compile": False,
+            "gflop_per_s": 600.0, "peak_rss_mib": 2000.0}
+    lines = [{**official, "train_img_per_s": t, "score_img_per_s": s}
+             for t, s in [(5.0, 14.0), (6.0, 15.0), (4.0, 13.0)]]
+    lines += [{**ours, "images_per_s": v, "fraction_of_ceiling": 0.8} for v in (10.0, 12.0, 11.0)]
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    rows = {row.split("|")[1].strip(): [c.strip() for c in row.split("|")[2:-1]]
+            for row in summarize.main([str(path)]).splitlines()[2:]}
+    assert rows["official train step"][3:] == ["5.00", "–", "–", "–", "1.00×", "3"]
+    assert rows["official score evaluation"][3] == "14.00"
+    # median 11 images/s over the official median of 5: 2.2x
+    assert rows["train step"] == ["32", "bf16", "off", "11.00", "600", "80%", "2000", "2.20×", "3"]
+
+
+def test_scripts_run_from_the_command_line():
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    result = subprocess.run(
-        [sys.executable, os.path.join(BENCH, "train_step.py"), *TINY, "--warmup", "1",
-         "--repeats", "1", "--no-ceiling", "--intra_op_threads", "1"],
-        capture_output=True, text=True, env=env, timeout=300, check=True)
-    lines = result.stdout.strip().splitlines()
-    assert len(lines) == 1
-    assert json.loads(lines[0])["bench"] == "train_step"
+    flags = {"train_step.py": "--precision", "sampler.py": "--precision",
+             "memory_soak.py": "--preset", "precision_check.py": "--precisions",
+             "summarize.py": "paths"}
+    for script, flag in flags.items():
+        result = subprocess.run([sys.executable, os.path.join(BENCH, script), "--help"],
+                                capture_output=True, text=True, env=env, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert flag in result.stdout
