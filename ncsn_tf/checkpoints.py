@@ -128,6 +128,22 @@ def load(path: str, ema: bool = True,
     return net, config, int(step.numpy())
 
 
+def checkpoint_prefixes(workdir: str, begin_step: int | None = None,
+                        end_step: int | None = None) -> list[tuple[int, str]]:
+    """(step, prefix) of the checkpoints of a workdir, rotated and kept ones, by step; only
+    those with begin_step <= step <= end_step when given."""
+    found: dict[int, str] = {}
+    directory = checkpoint_dir(workdir)
+    for folder in (directory, os.path.join(directory, KEPT_DIR)):
+        for index in tf.io.gfile.glob(os.path.join(folder, "ckpt-*.index")):
+            number = os.path.basename(index)[len("ckpt-"):-len(".index")]
+            if number.isdigit():
+                found.setdefault(int(number), index[:-len(".index")])
+    return [(step, found[step]) for step in sorted(found)
+            if (begin_step is None or step >= begin_step)
+            and (end_step is None or step <= end_step)]
+
+
 def _locate(path: str) -> tuple[str, str]:
     """(workdir, checkpoint prefix) for a workdir or a checkpoint prefix."""
     if tf.io.gfile.isdir(path):

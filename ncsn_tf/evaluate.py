@@ -396,22 +396,6 @@ SWEEP_CSV = "fast_fid.csv"  # in the workdir
 SWEEP_LOGDIR = os.path.join("tensorboard", "fast_fid")  # in the workdir
 
 
-def checkpoint_prefixes(workdir: str, begin_step: int | None = None,
-                        end_step: int | None = None) -> list[tuple[int, str]]:
-    """(step, prefix) of the checkpoints of a workdir, rotated and kept ones, by step; only
-    those with begin_step <= step <= end_step when given."""
-    found: dict[int, str] = {}
-    directory = checkpoints.checkpoint_dir(workdir)
-    for folder in (directory, os.path.join(directory, checkpoints.KEPT_DIR)):
-        for index in tf.io.gfile.glob(os.path.join(folder, "ckpt-*.index")):
-            number = os.path.basename(index)[len("ckpt-"):-len(".index")]
-            if number.isdigit():
-                found.setdefault(int(number), index[:-len(".index")])
-    return [(step, found[step]) for step in sorted(found)
-            if (begin_step is None or step >= begin_step)
-            and (end_step is None or step <= end_step)]
-
-
 def fast_fid_sweep(workdir: str, feature_net: FeatureNetwork, ref_stats: Statistics | str, *,
                    num_samples: int = 1000, begin_step: int | None = None,
                    end_step: int | None = None, seed: int = 0, batch_size: int | None = None,
@@ -467,9 +451,9 @@ def fast_fid_sweep(workdir: str, feature_net: FeatureNetwork, ref_stats: Statist
 
 def _selected_checkpoints(workdir: str, begin_step: int | None,
                           end_step: int | None) -> list[tuple[int, str]]:
-    selected = checkpoint_prefixes(workdir, begin_step, end_step)
+    selected = checkpoints.checkpoint_prefixes(workdir, begin_step, end_step)
     if not selected:
-        steps = [step for step, _ in checkpoint_prefixes(workdir)]
+        steps = [step for step, _ in checkpoints.checkpoint_prefixes(workdir)]
         raise FileNotFoundError(
             f"No checkpoint in {checkpoints.checkpoint_dir(workdir)} with step in "
             f"[{begin_step}, {end_step}]; steps there: {steps or 'none'}.")

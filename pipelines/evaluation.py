@@ -37,21 +37,15 @@ def evaluate(model_dir: str, examples_dir: str, out_dir: str, *, feature_network
     `feature_network`: a spec of `ncsn_tf.inception.load_feature_network` (tfgan, keras,
     random-test, ...); its name goes into the metrics. Returns the metrics.
     """
-    from ncsn_tf import checkpoints, data, inception, metrics, sampling
+    from ncsn_tf import data, inception, metrics, sampling
     from ncsn_tf import evaluate as fid
 
     if num_samples < 2:
         raise ValueError(f"num_samples must be >= 2 for a covariance, got {num_samples}")
     feature_net = inception.load_feature_network(feature_network)  # fail before sampling
-    net, config, step = checkpoints.load(model_dir, ema=True)
-    sampler = sampling.AnnealedLangevin.from_config(
-        lambda x, labels: net(x, labels, training=False), net.sigmas, config)
-    batch = config.sampling.sampling_batch_size
-    samples = np.concatenate([
-        sampling.to_uint8(sampler.sample(
-            np.arange(start, min(start + batch, num_samples), dtype=np.int64)
-        )["samples"]).numpy()
-        for start in range(0, num_samples, batch)])
+    model = fid.load_checkpoint_model(model_dir)
+    samples = np.concatenate(list(fid.generate_samples(
+        model.sample_fn, num_samples, model.config.sampling.sampling_batch_size)))
 
     reference = data.load(examples.read_config(examples_dir), "test", training=False,
                           batch_size=250)
@@ -59,7 +53,6 @@ def evaluate(model_dir: str, examples_dir: str, out_dir: str, *, feature_network
     # IS over 10 splits as published, but with at least 50 samples per split.
     splits = max(1, min(10, num_samples // 50))
     scores = fid.compute_fid_is(samples, feature_net, (mu, sigma), splits=splits)
-    s = config.sampling
     result = {
         "fid": scores["fid"],
         "inception_score": scores["inception_score"],
@@ -69,9 +62,8 @@ def evaluate(model_dir: str, examples_dir: str, out_dir: str, *, feature_network
         "network": feature_net.name,
         "reference": {"split": "eval", "num_images": num_reference,
                       "source": examples.source_config(examples_dir).data.dataset},
-        "step": step,
-        "sampler": {"num_scales": config.model.num_scales, "n_steps_each": s.n_steps_each,
-                    "step_lr": s.step_lr, "denoise": s.denoise},
+        "step": model.step,
+        "sampler": model.sampler,
     }
     tf.io.gfile.makedirs(out_dir)
     with tf.io.gfile.GFile(os.path.join(out_dir, METRICS_FILE), "w") as f:

@@ -461,8 +461,8 @@ def test_fast_fid_sweep_scores_every_checkpoint(net, grey_reference, tmp_path, c
         expected[step] = evaluate.compute_fid_is(draw(np.arange(6)), net, grey_reference,
                                                  splits=2)
     assert not os.path.exists(os.path.join(workdir, "checkpoints", "ckpt-10.index"))
-    assert [s for s, _ in evaluate.checkpoint_prefixes(workdir, 11, 20)] == [15, 20]
-    assert [s for s, _ in evaluate.checkpoint_prefixes(workdir, end_step=14)] == [10]
+    assert [s for s, _ in checkpoints.checkpoint_prefixes(workdir, 11, 20)] == [15, 20]
+    assert [s for s, _ in checkpoints.checkpoint_prefixes(workdir, end_step=14)] == [10]
 
     result = run_cli([f"--sweep_workdir={workdir}", f"--ref_stats={grey_reference}",
                       "--num_samples=6", "--sampling_batch_size=4", "--splits=2"], capsys)
