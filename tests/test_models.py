@@ -76,6 +76,25 @@ def test_instance_norm_plus_bf16_keeps_float32_statistics():
                                atol=2 ** -8 * np.abs(expected).max())
 
 
+def test_instance_norm_plus_with_elu_rounds_once_after_the_activation():
+    """`elu=True` is ELU(InstanceNorm++(x)) computed in float32 and rounded to the compute
+    dtype once; `layers.elu` matches ELU within one bfloat16 rounding."""
+    rng = _rng(4)
+    x = (rng.normal(size=(2, 8, 8, 5)) * 3 - 1).astype(np.float32)
+    for policy, tolerance in (("float32", 2e-5), ("mixed_bfloat16", 2 ** -8)):
+        norm, (alpha, gamma, beta) = _norm_with_random_affine(policy, 5, rng)
+        norm.elu = True
+        given = tf.cast(x, norm.compute_dtype)
+        out = tf.cast(norm(given), tf.float32).numpy()
+        expected = _elu(_instance_norm_plus_np(tf.cast(given, tf.float64).numpy(), alpha,
+                                               gamma, beta))
+        np.testing.assert_allclose(out, expected, rtol=tolerance, atol=tolerance)
+    y = tf.cast(x, tf.bfloat16)
+    assert layers.elu(y).dtype == tf.bfloat16
+    np.testing.assert_allclose(tf.cast(layers.elu(y), tf.float32).numpy(),
+                               _elu(tf.cast(y, tf.float64).numpy()), rtol=2 ** -8, atol=2 ** -8)
+
+
 def test_conv_mean_pool_is_conv_then_2x2_mean():
     rng = _rng(2)
     x = rng.normal(size=(2, 6, 4, 3)).astype(np.float32)

@@ -53,7 +53,7 @@ class RefineNetScore(keras.Model):
             setattr(self, refine, RefineBlock(
                 [width] if deepest else [width, width],
                 width if deepest else widths[max(i - 1, 0)], end=i == 0, dtype=dt))
-        self.normalizer = InstanceNormPlus(ngf, dtype=dt)
+        self.normalizer = InstanceNormPlus(ngf, elu=True, dtype=dt)
         self.end_conv = conv2d(ngf, channels, dtype=dt)
         # Every weight was created above, so no input shape is needed. Mark the sublayers
         # built too: otherwise Keras tries to build them symbolically under a strategy scope.
@@ -94,7 +94,7 @@ class RefineNetScore(keras.Model):
         h = refines[-1]([skips[-1]])
         for skip, refine in zip(skips[-2::-1], refines[-2::-1]):
             h = refine([skip, h])
-        h = self.end_conv(tf.nn.elu(self.normalizer(h)))
+        h = self.end_conv(self.normalizer(h))  # norm → ELU → conv
         # Divide in float32: with float16 the 1/σ_L amplification could overflow.
         used_sigmas = tf.gather(self.sigmas, labels)
         return tf.cast(h, tf.float32) / used_sigmas[:, None, None, None]
