@@ -169,6 +169,20 @@ def ceilings(args: argparse.Namespace, config, train: bool) -> dict[str, float]:
     return {p: round(conv_ceiling(args.batch, layers, p, train), 1) for p in precisions}
 
 
+def finish_throughput(record: dict, args: argparse.Namespace, config, machine: dict,
+                      train: bool) -> dict:
+    """Completes a throughput record (the same-run ceiling and the share of it reached, the
+    machine, the load at the end), prints it and returns it."""
+    ceiling = ceilings(args, config, train=train)
+    if ceiling:
+        record["ceiling_gflop_per_s"] = ceiling
+        record["fraction_of_ceiling"] = round(record["gflop_per_s"] / ceiling[args.precision], 3)
+    record["machine"] = machine
+    record["load_avg_1m_end"] = load_avg()
+    emit(record, args.output)
+    return record
+
+
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far, MiB (Linux reports ru_maxrss in KiB)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

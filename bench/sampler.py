@@ -72,14 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
         "sampler_s": [round(t, 3) for t in run_seconds],
         "peak_rss_mib": round(peak_rss, 1),
     }
-    ceiling = common.ceilings(args, config, train=False)
-    if ceiling:
-        record["ceiling_gflop_per_s"] = ceiling
-        record["fraction_of_ceiling"] = round(record["gflop_per_s"] / ceiling[args.precision], 3)
-    record["machine"] = machine
-    record["load_avg_1m_end"] = common.load_avg()
-    common.emit(record, args.output)
-    return record
+    return common.finish_throughput(record, args, config, machine, train=False)
 
 
 if __name__ == "__main__":

@@ -29,18 +29,21 @@ def _median(values: list[float]) -> float:
 
 
 def official_baseline(records: list[dict]) -> dict[int, dict[str, float]]:
-    """Median images/s of the official model per batch size: {"train": …, "score": …}."""
+    """Median images/s of the official model per batch size and the number of runs behind
+    them: {"train": …, "score": …, "runs": …}."""
     by_batch = defaultdict(lambda: {"train": [], "score": []})
     for r in records:
         if r["bench"] == "official_reference":
             by_batch[r["batch"]]["train"].append(r["train_img_per_s"])
             by_batch[r["batch"]]["score"].append(r["score_img_per_s"])
-    return {b: {k: _median(v) for k, v in d.items()} for b, d in by_batch.items()}
+    return {b: {"train": _median(d["train"]), "score": _median(d["score"]),
+                "runs": len(d["train"])} for b, d in by_batch.items()}
 
 
 def throughput_table(records: list[dict]) -> str:
-    """One row per (what, batch, precision, XLA, oneDNN setting): images/s, GFLOP/s, share of the 3x3-conv
-    ceiling, peak memory, and the ratio to the official float32 model at the same batch."""
+    """One row per (what, batch, precision, XLA, oneDNN setting): images/s, GFLOP/s, share of
+    the 3x3-conv ceiling, peak memory, and the ratio to the official float32 model at the same
+    batch."""
     baseline = official_baseline(records)
     groups = defaultdict(list)
     for r in records:
@@ -51,12 +54,10 @@ def throughput_table(records: list[dict]) -> str:
              "| peak RSS MiB | vs official fp32 | runs |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for batch, base in sorted(baseline.items()):
-        runs = sum(1 for x in records
-                   if x["bench"] == "official_reference" and x["batch"] == batch)
-        lines.append(f"| official train step | {batch} | fp32 | – | {base['train']:.2f} "
-                     f"| – | – | – | 1.00× | {runs} |")
-        lines.append(f"| official score evaluation | {batch} | fp32 | – | {base['score']:.2f} "
-                     f"| – | – | – | 1.00× | {runs} |")
+        for what, key in (("official train step", "train"),
+                          ("official score evaluation", "score")):
+            lines.append(f"| {what} | {batch} | fp32 | – | {base[key]:.2f} | – | – | – | 1.00× "
+                         f"| {base['runs']} |")
     # Within a configuration, TensorFlow's default oneDNN setting first.
     order = sorted(groups, key=lambda k: (*k[:4], k[4] != "default", k[4]))
     for (bench, batch, precision, jit, onednn) in order:

@@ -49,14 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
         "gflop_per_s": round(flops / step / 1e9, 1),
         "peak_rss_mib": round(peak_rss, 1),
     }
-    ceiling = common.ceilings(args, config, train=True)
-    if ceiling:
-        record["ceiling_gflop_per_s"] = ceiling
-        record["fraction_of_ceiling"] = round(record["gflop_per_s"] / ceiling[args.precision], 3)
-    record["machine"] = machine
-    record["load_avg_1m_end"] = common.load_avg()
-    common.emit(record, args.output)
-    return record
+    return common.finish_throughput(record, args, config, machine, train=True)
 
 
 if __name__ == "__main__":
