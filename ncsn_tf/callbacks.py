@@ -1,10 +1,9 @@
 """Keras callbacks that run a `ScoreModel.fit` job: safety, checkpoints, logging, previews.
 
-They count steps as `start_step + batch + 1`, the optimizer step a resumed run continues from,
-and act when that step reaches a multiple of their frequency. They are meant to run in this
-order (`training.train` builds them so): `NonFiniteLossGuard` (stop before anything is
-written), `ProgressLogger` (reads and resets the windowed metrics), `HeldOutLoss` (uses the
-freshly reset metrics), `Checkpointer`, `SnapshotSampler`. Every process of a multi-worker job
+They count steps as `start_step + batch + 1`, the training step a resumed run continues from,
+and act when that step reaches a multiple of their frequency. `NonFiniteLossGuard` must come
+first (stop before anything is written; `training.train` puts it there); the others do not
+depend on their order. Every process of a multi-worker job
 runs them all at the same steps (the chief alone samples); only the chief writes (the others
 get no-op TensorBoard writers and a scratch checkpoint directory).
 """
@@ -22,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from ncsn_tf import sampling
+from ncsn_tf import images as image_io, sampling
 
 
 class NonFiniteLossError(RuntimeError):
@@ -83,18 +82,17 @@ class ProgressLogger(keras.callbacks.Callback):
     """Every `log_freq` steps: one log line (step, loss, images/s, ETA) and TensorBoard scalars.
 
     Metrics are means over the steps since the last report: the logger resets the model's
-    metrics after reading them. It also reports at every multiple of `also_every` (the
-    held-out loss frequency) so that `HeldOutLoss` finds the metrics freshly reset.
+    metrics after reading them.
     images/s counts only the time inside training steps (data wait included, checkpointing
     and sampling excluded); the ETA uses the wall-clock rate, which includes everything.
     """
 
     def __init__(self, start_step: int, n_iters: int, global_batch: int, log_freq: int,
                  writer: tf.summary.SummaryWriter, learning_rate: Callable[[], float],
-                 also_every: int = 0, bucket_descriptions: dict[str, str] | None = None):
+                 bucket_descriptions: dict[str, str] | None = None):
         super().__init__()
         self.start_step, self.n_iters, self.global_batch = start_step, n_iters, global_batch
-        self.log_freq, self.also_every = log_freq, also_every
+        self.log_freq = log_freq
         self.writer, self.learning_rate = writer, learning_rate
         self.bucket_descriptions = bucket_descriptions or {}
         self._step_begin = None
@@ -115,7 +113,7 @@ class ProgressLogger(keras.callbacks.Callback):
         else:
             self._busy += now - self._step_begin
             self._steps += 1
-        if _due(step, self.log_freq) or _due(step, self.also_every) or step == self.n_iters:
+        if _due(step, self.log_freq) or step == self.n_iters:
             self._report(step, logs or {}, now)
             self.model.reset_metrics()
 
@@ -148,9 +146,9 @@ def _duration(seconds: float | None) -> str:
 class HeldOutLoss(keras.callbacks.Callback):
     """Every `test_freq` steps, the EMA weights' DSM loss on the next held-out batch.
 
-    Runs `ScoreModel.test_step` under the model's distribution strategy on a persistent
-    iterator over the held-out split and logs `test_loss` (and `test_loss_bucket_k`). It uses
-    the model's metrics, which `ProgressLogger` has just reset, and resets them again after.
+    Runs `ScoreModel.held_out_stats` (draws keyed by the step) under the model's distribution
+    strategy on a persistent iterator over the held-out split and logs `test_loss` (and
+    `test_loss_bucket_k`). It leaves the model's training metrics alone.
     """
 
     def __init__(self, start_step: int, test_freq: int, iterator,
@@ -164,9 +162,11 @@ class HeldOutLoss(keras.callbacks.Callback):
         strategy = self.model.distribute_strategy
 
         @tf.function
-        def test_fn(iterator):
-            outputs = strategy.run(self.model.test_step, args=(next(iterator),))
-            return {k: strategy.reduce("MEAN", v, axis=None) for k, v in outputs.items()}
+        def test_fn(iterator, step):
+            stats, batch = strategy.run(self.model.held_out_stats, args=(next(iterator), step))
+            # Every replica holds the same global sums: take the first.
+            return (strategy.experimental_local_results(stats)[0],
+                    strategy.experimental_local_results(batch)[0])
 
         return test_fn
 
@@ -176,16 +176,18 @@ class HeldOutLoss(keras.callbacks.Callback):
             return
         if self._test_fn is None:
             self._test_fn = self._build()
-        self.model.reset_metrics()
-        results = {k: float(tf.reshape(v, [])) for k, v in self._test_fn(self.iterator).items()}
-        self.model.reset_metrics()
+        stats, size = self._test_fn(self.iterator, tf.constant(step, tf.int64))
+        stats, size = stats.numpy().reshape(-1), float(size.numpy())
+        k = (len(stats) - 1) // 2
+        results = {"test_loss": stats[0] / size}
+        for b in range(k):
+            if stats[1 + k + b]:
+                results[f"test_loss_bucket_{b}"] = stats[1 + b] / stats[1 + k + b]
         with self.writer.as_default(step=step):
-            tf.summary.scalar("test_loss", results["loss"])
             for key, value in results.items():
-                if key.startswith("loss_bucket_"):
-                    tf.summary.scalar("test_" + key, value)
+                tf.summary.scalar(key, value)
         logging.info("step %d  test_loss %.4f (EMA weights, one held-out batch)", step,
-                     results["loss"])
+                     results["test_loss"])
 
 
 class Checkpointer(keras.callbacks.Callback):
@@ -310,9 +312,9 @@ class SnapshotSampler(keras.callbacks.Callback):
 
 def write_grid(images, path: str, writer: tf.summary.SummaryWriter, tag: str,
                step: int) -> None:
-    """Saves images [N, H, W, C] in [0, 1] as a PNG grid and logs that grid to TensorBoard."""
-    tf.io.gfile.makedirs(os.path.dirname(path))
-    sampling.save_image_grid(images, path)
+    """Saves images [N, H, W, C] in [0, 1] as a PNG grid (small images enlarged to a readable
+    size) and logs that grid to TensorBoard."""
+    grid = image_io.image_grid(images)
+    image_io.save_png(path, grid)
     with writer.as_default(step=step):
-        grid = tf.io.decode_png(tf.io.read_file(path))
         tf.summary.image(tag, grid[None], step=step)

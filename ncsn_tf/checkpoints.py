@@ -2,11 +2,14 @@
 
     WORKDIR/config.yaml               the resolved config (`write_config`, `read_config`)
     WORKDIR/checkpoints/ckpt-N        the latest snapshots, rotated by a tf.train.CheckpointManager
-    WORKDIR/checkpoints/kept/ckpt-N   snapshots at multiples of `keep_every` steps, never deleted
+    WORKDIR/checkpoints/kept/ckpt-N   full snapshots at multiples of `keep_every` steps, kept
+    WORKDIR/checkpoints/ema/ckpt-N    the EMA weights and step of every snapshot, kept: what
+                                      sampling, evaluation and checkpoint sweeps need, at about
+                                      a quarter of the size of a full snapshot
 
-Every checkpoint holds `net` (live weights), `ema_net` (their EMA, used for sampling), `step`
-(int64) and, when written by training, `optimizer`. N is the training step. Paths may be local or
-any filesystem TensorFlow reads (gs://…).
+A full checkpoint holds `net` (live weights), `ema_net` (their EMA, used for sampling), `step`
+(int64) and, when written by training, `optimizer`; an EMA snapshot holds `ema_net` and `step`.
+N is the training step. Paths may be local or any filesystem TensorFlow reads (gs://…).
 
 A network is stored as its ordered weight list (`model.weights`, keys net/0, net/1, …), not as
 a Keras object graph: tf.train.Checkpoint does not see Keras 3 layers held in Python lists, and
@@ -26,6 +29,11 @@ from ncsn_tf import models, presets
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
 KEPT_DIR = "kept"
+EMA_DIR = "ema"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used: missing, unreadable, or written for something else."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -52,16 +60,12 @@ def read_config(workdir: str) -> presets.Config:
         return presets.Config.from_dict(yaml.safe_load(f))
 
 
-def make_checkpoint(net: keras.Model, ema_net: keras.Model, step: tf.Variable | None = None,
+def make_checkpoint(net: keras.Model, ema_net: keras.Model, step: tf.Variable,
                     optimizer: keras.optimizers.Optimizer | None = None) -> tf.train.Checkpoint:
-    """A checkpoint of the two networks, the step and (for training) the optimizer.
-
-    `step` defaults to the optimizer's iteration counter, so training checkpoints carry the
-    step with no extra bookkeeping; without an optimizer it is a new int64 variable at 0.
-    Build the optimizer (`ScoreModel.compile` does) before restoring into it.
+    """A checkpoint of the two networks, the training step (an int64 variable, e.g.
+    `ScoreModel.step`) and, for training, the optimizer. Build the optimizer
+    (`ScoreModel.compile` does) before restoring into it.
     """
-    if step is None:
-        step = optimizer.iterations if optimizer is not None else tf.Variable(0, dtype=tf.int64)
     objects = dict(net=net.weights, ema_net=ema_net.weights, step=step)
     if optimizer is not None:
         objects["optimizer"] = optimizer
@@ -74,14 +78,20 @@ def make_manager(workdir: str, checkpoint: tf.train.Checkpoint,
     return tf.train.CheckpointManager(checkpoint, checkpoint_dir(workdir), max_to_keep)
 
 
-def save(manager: tf.train.CheckpointManager, step: int, keep_every: int = 0) -> str:
+def save(manager: tf.train.CheckpointManager, step: int, keep_every: int = 0,
+         keep_ema: bool = True) -> str:
     """Saves WORKDIR/checkpoints/ckpt-<step>; at multiples of `keep_every` (0: never) also
-    writes a copy to WORKDIR/checkpoints/kept/ that rotation never deletes. Returns the
-    prefix."""
+    writes a full copy to WORKDIR/checkpoints/kept/, and with `keep_ema` the EMA weights and
+    step to WORKDIR/checkpoints/ema/; rotation deletes neither. Returns the prefix."""
     step = int(step)
     prefix = manager.save(checkpoint_number=step)
     if keep_every and step % keep_every == 0:
         manager.checkpoint.write(os.path.join(manager.directory, KEPT_DIR, f"ckpt-{step}"))
+    if keep_ema:
+        snapshot = tf.train.Checkpoint(ema_net=manager.checkpoint.ema_net,
+                                       step=manager.checkpoint.step)
+        snapshot.save_counter  # noqa: B018 (created on access; readers expect one)
+        snapshot.write(os.path.join(manager.directory, EMA_DIR, f"ckpt-{step}"))
     return prefix
 
 
@@ -111,10 +121,13 @@ def load(path: str, ema: bool = True,
     if precision is not None:
         config = presets.override(config, precision=precision)
     name = "ema_net" if ema else "net"
-    missing = {name, "step"} - {key.split("/")[0] for key, _ in tf.train.list_variables(prefix)}
+    missing = {name, "step"} - contents(prefix)
     if missing:
-        raise ValueError(f"{prefix} holds no {' or '.join(sorted(missing))}; it was not written "
-                         "by ncsn_tf.checkpoints")
+        raise CheckpointError(
+            f"{prefix} holds no {' or '.join(sorted(missing))}"
+            + ("; it is an EMA snapshot (EMA weights only): use the EMA weights, or a full "
+               "checkpoint in WORKDIR/checkpoints/" if missing == {"net"} else
+               "; it was not written by ncsn_tf.checkpoints"))
     net = models.build(config)
     step = tf.Variable(0, dtype=tf.int64)
     try:
@@ -128,13 +141,70 @@ def load(path: str, ema: bool = True,
     return net, config, int(step.numpy())
 
 
+def contents(prefix: str) -> set[str]:
+    """The top-level objects a checkpoint holds (net, ema_net, step, optimizer, ...).
+
+    Raises `CheckpointError`, naming the file and what to do, when it cannot be read (missing,
+    truncated, corrupt, or not a TensorFlow checkpoint)."""
+    try:
+        keys = [key for key, _ in tf.train.list_variables(prefix)]
+    except (tf.errors.OpError, ValueError) as e:
+        raise CheckpointError(_unreadable(prefix, e)) from None
+    return {key.split("/")[0] for key in keys} - {"_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter"}
+
+
+def _unreadable(prefix: str, error: Exception) -> str:
+    detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    return (f"Cannot read the checkpoint {prefix} ({detail}). It is missing, truncated or "
+            "corrupt (e.g. a copy or a save that did not finish), or was not written by "
+            "TensorFlow: use another checkpoint of the workdir (an earlier ckpt-N in "
+            "WORKDIR/checkpoints or WORKDIR/checkpoints/kept), or delete this one (its .index and "
+            ".data-* files) to resume from the one before it.")
+
+
+def restore(prefix: str, *, net: keras.Model, ema_net: keras.Model, step: tf.Variable,
+            optimizer: keras.optimizers.Optimizer | None = None) -> bool:
+    """Restores a full checkpoint into the networks, step and (when it holds one) optimizer.
+
+    Returns whether optimizer state was restored: a converted official checkpoint has none,
+    and the optimizer then keeps its fresh state. Raises `CheckpointError` (one paragraph:
+    the file and what to do) when the checkpoint cannot be read or does not fit.
+    """
+    found = contents(prefix)
+    missing = {"net", "ema_net", "step"} - found
+    if missing:
+        raise CheckpointError(
+            f"{prefix} holds no {', '.join(sorted(missing))}: it is not a full ncsn_tf "
+            "checkpoint (an EMA snapshot, or a checkpoint of another program). Resume from a "
+            "checkpoint in WORKDIR/checkpoints/ or WORKDIR/checkpoints/kept/, or import "
+            "official PyTorch weights with `python -m ncsn_tf.convert`.")
+    with_optimizer = optimizer is not None and "optimizer" in found
+    objects = dict(net=net.weights, ema_net=ema_net.weights, step=step)
+    if with_optimizer:
+        objects["optimizer"] = optimizer
+    try:
+        status = tf.train.Checkpoint(**objects).restore(prefix)
+        status.assert_existing_objects_matched()
+        status.expect_partial()
+    except (AssertionError, ValueError, tf.errors.OpError) as e:
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise CheckpointError(
+            f"The checkpoint {prefix} does not fit this model ({detail}): it was written for "
+            "another architecture or settings (ngf, channels, number of noise levels) or by "
+            "another version. Train into a new --workdir, or resume with the config saved "
+            "next to the checkpoint (WORKDIR/config.yaml).") from None
+    return with_optimizer
+
+
 def checkpoint_prefixes(workdir: str, begin_step: int | None = None,
                         end_step: int | None = None) -> list[tuple[int, str]]:
-    """(step, prefix) of the checkpoints of a workdir, rotated and kept ones, by step; only
-    those with begin_step <= step <= end_step when given."""
+    """(step, prefix) of the checkpoints of a workdir by step, full ones (rotated or kept)
+    preferred over EMA snapshots of the same step; only those with
+    begin_step <= step <= end_step when given."""
     found: dict[int, str] = {}
     directory = checkpoint_dir(workdir)
-    for folder in (directory, os.path.join(directory, KEPT_DIR)):
+    for folder in (directory, os.path.join(directory, KEPT_DIR),
+                   os.path.join(directory, EMA_DIR)):
         for index in tf.io.gfile.glob(os.path.join(folder, "ckpt-*.index")):
             number = os.path.basename(index)[len("ckpt-"):-len(".index")]
             if number.isdigit():

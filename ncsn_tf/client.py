@@ -136,10 +136,10 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
 def _write_grid(pngs: list[bytes], path: str) -> None:
     import tensorflow as tf  # only to decode and re-encode the images
 
-    from ncsn_tf import sampling
+    from ncsn_tf.images import save_image_grid
 
     images = tf.stack([tf.io.decode_png(png) for png in pngs])
-    sampling.save_image_grid(tf.cast(images, tf.float32) / 255.0, path)
+    save_image_grid(tf.cast(images, tf.float32) / 255.0, path)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ Measure σ1 on the data, then derive γ, L and ε:
 Or from a known σ1 and the data dimension D = H·W·C:
     python -m ncsn_tf.configure --dim=3072 --sigma_begin=50
     python -m ncsn_tf.configure --image_size=28 --channels=1 --sigma_begin=28 --json
+With your own number of levels L (ε is then chosen for that table):
+    python -m ncsn_tf.configure --dim=3072 --sigma_begin=50 --num_scales=232
 """
 from __future__ import annotations
 
@@ -55,6 +57,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_integer("n_steps_each", None, "Langevin steps per noise level T (Technique 4 "
                          "picks the step size for it). Default: the preset's with --dataset, "
                          f"else {_DEFAULT_N_STEPS_EACH}.", lower_bound=1, **fv)
+    flags.DEFINE_integer("num_scales", None, "Number of noise levels L to use instead of "
+                         "Technique 2's; the step size is chosen for that table and the "
+                         "variance ratio it achieves is reported.", lower_bound=2, **fv)
     flags.DEFINE_boolean("json", False, "Print one JSON object instead of a table.", **fv)
 
 
@@ -90,7 +95,7 @@ def _from_dataset(fv: flags.FlagValues) -> dict:
     except ValueError as e:  # missing or unusable data: say so in one line
         raise app.UsageError(str(e)) from e
     rec = _recommend(result.dim, result.distance, config.model.sigma_end,
-                     config.sampling.n_steps_each)
+                     config.sampling.n_steps_each, fv.num_scales)
     size = config.data.image_size
     return dict(dataclasses.asdict(rec), dataset=config.data.dataset,
                 shape=[size, size, config.data.channels],
@@ -124,16 +129,16 @@ def _from_dimension(fv: flags.FlagValues) -> dict:
     dim = fv.dim if shape is None else fv.image_size**2 * fv.channels
     sigma_end = _DEFAULT_SIGMA_END if fv.sigma_end is None else fv.sigma_end
     n_steps_each = _DEFAULT_N_STEPS_EACH if fv.n_steps_each is None else fv.n_steps_each
-    rec = _recommend(dim, fv.sigma_begin, sigma_end, n_steps_each)
+    rec = _recommend(dim, fv.sigma_begin, sigma_end, n_steps_each, fv.num_scales)
     return dict(dataclasses.asdict(rec), dataset=None, shape=shape, sigma_begin_source="given",
                 sigma_begin_method="given (--sigma_begin)", num_examples=None,
                 dataset_size=None)
 
 
-def _recommend(dim: int, sigma_begin: float, sigma_end: float,
-               n_steps_each: int) -> noise.Recommendation:
+def _recommend(dim: int, sigma_begin: float, sigma_end: float, n_steps_each: int,
+               num_scales: int | None) -> noise.Recommendation:
     try:
-        return noise.recommend(dim, sigma_begin, sigma_end, n_steps_each)
+        return noise.recommend(dim, sigma_begin, sigma_end, n_steps_each, num_scales)
     except ValueError as e:
         raise app.UsageError(str(e)) from e
 
@@ -147,7 +152,10 @@ def _table(r: dict) -> str:
         ("sigma_end", "σL", f"{r['sigma_end']:.6g}", ""),
         ("gamma", "γ", f"{r['gamma']:.6g}", f"Technique 2 for D = {r['dim']:,}{shape}"),
         ("num_scales", "L", str(r["num_scales"]),
-         f"Technique 2: geometric table with ratio {r['sigma_ratio']:.6g}"),
+         (f"Technique 2: geometric table with ratio {r['sigma_ratio']:.6g}"
+          if r["num_scales"] == r["technique2_num_scales"] else
+          f"given (--num_scales); ratio {r['sigma_ratio']:.6g}; Technique 2 gives "
+          f"{r['technique2_num_scales']}")),
         ("n_steps_each", "T", str(r["n_steps_each"]), ""),
         ("step_lr", "ε", f"{r['step_lr']:.3g}",
          f"Technique 4: variance ratio {r['variance_ratio']:.4f} (Eq. 6, ideal 1)"),

@@ -125,6 +125,31 @@ def eval_split(config: presets.Config) -> str:
     return _tfds_info(arg).eval_split if kind == "tfds" else "test"
 
 
+class HeldOutImages:
+    """Held-out images by index, the starting points of `data_init` sampling: index i is
+    example i (mod the split's size) of `eval_split(config)` in its fixed order. Read once,
+    only as far as the largest index asked for, and kept."""
+
+    def __init__(self, config: presets.Config):
+        self._examples = load(config, eval_split(config), training=False).as_numpy_iterator()
+        self._kept: list[np.ndarray] = []
+        self._size: int | None = None  # known once the split has been read to its end
+
+    def __call__(self, indices) -> np.ndarray:
+        """float32 [len(indices), H, W, C] in [0, 1]."""
+        indices = np.asarray(indices, np.int64)
+        while self._size is None and len(self._kept) <= indices.max(initial=0):
+            example = next(self._examples, None)
+            if example is None:
+                self._size = len(self._kept)
+                if not self._size:
+                    raise ValueError("data_init: the held-out split is empty")
+            else:
+                self._kept.append(example)
+        size = self._size or len(self._kept)
+        return np.stack([self._kept[i % size] for i in indices])
+
+
 def num_examples(config: presets.Config, split: str = "train") -> int | None:
     """Examples in `split`, or None where that needs a pass over the data (tfrecord, or TFDS
     data not prepared yet). For folders it counts image files, unreadable ones included."""

@@ -30,7 +30,8 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-from ncsn_tf import checkpoints, data, export, inception, metrics, presets, sampling
+from ncsn_tf import checkpoints, data, export, images as image_io, inception, metrics, presets
+from ncsn_tf import sampling
 from ncsn_tf import flags as config_flags
 from ncsn_tf.inception import FeatureNetwork
 
@@ -257,12 +258,20 @@ class TrainedModel:
 def checkpoint_sample_fn(net, config: presets.Config) -> SampleFn:
     """Annealed Langevin dynamics on `net` (pass the EMA network) with `config.sampling`.
 
-    The sampler is traced once; it reads `net`'s variables, so weights assigned to `net`
+    With `data_init` (as the official FID mode allows), the image of seed s starts from
+    held-out image s (mod the split's size) perturbed by σ1, instead of uniform noise. The
+    sampler is traced once; it reads `net`'s variables, so weights assigned to `net`
     afterwards (the next checkpoint of a sweep) are sampled without retracing.
     """
     sampler = sampling.AnnealedLangevin.from_config(
         lambda x, labels: net(x, labels, training=False), net.sigmas, config)
-    return lambda seeds: sampling.to_uint8(sampler.sample(seeds)["samples"]).numpy()
+    starts = data.HeldOutImages(config) if config.sampling.data_init else None
+
+    def sample_fn(seeds):
+        init = None if starts is None else starts(seeds)
+        return image_io.to_uint8(sampler.sample(seeds, init)["samples"]).numpy()
+
+    return sample_fn
 
 
 def load_checkpoint_model(path: str, config_overrides: dict[str, Any] | None = None
@@ -320,7 +329,7 @@ def load_saved_model(export_dir: str, *, n_steps_each: int | None = None,
 def _sampler_settings(config: presets.Config) -> dict[str, Any]:
     s = config.sampling
     return dict(n_steps_each=s.n_steps_each, step_lr=s.step_lr, denoise=s.denoise,
-                num_scales=config.model.num_scales)
+                num_scales=config.model.num_scales, data_init=s.data_init)
 
 
 def generate_samples(sample_fn: SampleFn, num_samples: int, batch_size: int, *,
@@ -556,15 +565,6 @@ def neighbor_grid(samples: np.ndarray, neighbor_images: np.ndarray, padding: int
     return np.round(np.clip(grid, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def save_png(path: str, image: np.ndarray) -> None:
-    """Writes a uint8 [H, W, C] image as PNG (any tf.io.gfile path)."""
-    parent = os.path.dirname(path)
-    if parent:
-        tf.io.gfile.makedirs(parent)
-    with tf.io.gfile.GFile(path, "wb") as f:
-        f.write(tf.io.encode_png(image).numpy())
-
-
 # --- command line -----------------------------------------------------------------------------
 
 FLAGS = flags.FLAGS
@@ -694,7 +694,7 @@ def _neighbors(f, samples: np.ndarray, config: presets.Config,
     train = data.load(config, f.split, training=False, batch_size=f.eval_batch_size)
     found = nearest_neighbors(samples, train, f.nn_k, flip=f.nn_flip,
                               feature_net=feature_net if f.nn_space == "features" else None)
-    save_png(f.nn_out, neighbor_grid(samples, found.images))
+    image_io.save_png(f.nn_out, neighbor_grid(samples, found.images))
     return {"png": f.nn_out, "space": found.space,
             "min_distance": float(found.distances[:, 0].min())}
 
@@ -726,6 +726,10 @@ def _evaluate_model(f) -> dict[str, Any]:
     feature_net = inception.load_feature_network(f.inception, cache_dir=f.cache_dir)
     overrides = _config_overrides(f)
     if f.saved_model:
+        if f.data_init:
+            raise app.UsageError("--data_init needs held-out images at sampling time, which "
+                                 "an export does not take: evaluate the checkpoint instead "
+                                 "(--workdir or --checkpoint).")
         model = load_saved_model(f.saved_model, n_steps_each=f.n_steps_each, step_lr=f.step_lr,
                                  denoise=f.denoise)
     else:

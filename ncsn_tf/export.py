@@ -45,7 +45,7 @@ import tensorflow as tf
 import yaml
 from absl import app, flags, logging
 
-from ncsn_tf import presets, sampling
+from ncsn_tf import images as image_io, presets, sampling
 
 METADATA_FILE = os.path.join("assets.extra", "ncsn_metadata.yaml")
 SIGNATURES = ("serving_default", "sample_with_settings", "inpaint", "score")
@@ -218,7 +218,7 @@ def _checked(value, condition, message: str, *data):
 
 
 def _image_outputs(samples):
-    images = sampling.to_uint8(samples)
+    images = image_io.to_uint8(samples)
     return {"images": images,
             "png_bytes": tf.map_fn(tf.io.encode_png, images, fn_output_signature=tf.string)}
 
@@ -307,6 +307,11 @@ def export(net: keras.Model, config: presets.Config, step: int, base_path: str,
     if not model_name or model_name != os.path.basename(model_name) or model_name.isdigit():
         raise ValueError(f"--model_name={model_name!r} must be a plain, non-numeric directory "
                          "name such as 'ncsn'")
+    if config.sampling.data_init:
+        raise ValueError(
+            "the config samples with data_init (starting from held-out images perturbed by "
+            "sigma_1), which a SavedModel cannot do: its requests carry seeds, not images. "
+            "Pass --nodata_init to export sampling from uniform noise (the paper's setting).")
     settings = settings or ServingSettings.from_config(config)
     module = ServingModule(net, config, step, settings)
     metadata = {
@@ -360,6 +365,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_enum("precision", None, ["fp32", "bf16", "fp16"], "Compute precision of the "
                       "network. Default: the one it was trained with.", **fv)
     flags.DEFINE_boolean("no_ema", False, "Export the live weights instead of the EMA ones.", **fv)
+    flags.DEFINE_boolean("data_init", None, "Must be off (--nodata_init) for a model trained "
+                         "or configured with data_init: a served model samples from uniform "
+                         "noise, since requests carry no held-out images.", **fv)
 
 
 def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -373,6 +381,8 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
             raise app.UsageError("Give exactly one of --workdir and --checkpoint.")
         source = f.workdir or f.checkpoint
         net, config, step = checkpoints.load(source, ema=not f.no_ema, precision=f.precision)
+        if f.data_init is not None:
+            config = presets.override(config, data_init=f.data_init)
         settings = ServingSettings.from_config(
             config, n_steps_each=f.n_steps_each, step_lr=f.step_lr, denoise=f.denoise,
             max_batch=f.max_batch, max_n_steps_each=f.max_n_steps_each)

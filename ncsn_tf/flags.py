@@ -57,6 +57,9 @@ HELP: dict[str, str] = {
     "batch_size": "Global batch size, split evenly across all replicas (all workers).",
     "n_iters": "Total number of training steps; a resumed run stops at the same step.",
     "snapshot_freq": "Save a checkpoint (and a sample grid) every this many steps.",
+    "keep_ema_snapshots": "Keep the EMA weights of every snapshot (checkpoints/ema/, about a "
+                          "quarter of a full checkpoint each) for checkpoint sweeps; off keeps "
+                          "only the last few and the keep_every ones.",
     "keep_every": "Keep the checkpoints of every multiple of this many steps forever, besides "
                   "the last few.",
     "test_freq": "Evaluate the EMA weights' DSM loss on one held-out batch every this many "

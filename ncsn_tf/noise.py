@@ -153,11 +153,12 @@ class Recommendation:
     sigma_begin: float  # σ1 (Technique 1, given)
     sigma_end: float  # σL
     gamma: float  # Technique 2's ratio for D
-    num_scales: int  # L, rounded up
-    sigma_ratio: float  # σ(i−1)/σi of the L-level geometric table (≤ gamma); Technique 4 uses it
+    num_scales: int  # L: Technique 2's (rounded up), or the one asked for
+    sigma_ratio: float  # σ(i−1)/σi of the L-level geometric table; Technique 4 uses it
     n_steps_each: int  # T
     step_lr: float  # ε (Technique 4)
     variance_ratio: float  # Eq. 6 at step_lr; the closer to 1 the better
+    technique2_num_scales: int  # Technique 2's L (equal to num_scales unless L was given)
 
     def overrides(self) -> dict[str, float | int]:
         """The config fields this sets, for `presets.override(config, **rec.overrides())`."""
@@ -167,17 +168,23 @@ class Recommendation:
 
 
 def recommend(dim: int, sigma_begin: float, sigma_end: float = 0.01,
-              n_steps_each: int = 5) -> Recommendation:
-    """γ and L for D (Technique 2), then ε for T steps per level (Technique 4)."""
+              n_steps_each: int = 5, num_scales: int | None = None) -> Recommendation:
+    """γ and L for D (Technique 2), then ε for T steps per level (Technique 4).
+
+    `num_scales` fixes L instead (e.g. the official CIFAR-10 config's 232, where Technique 2
+    gives 220); ε is then chosen for that table's ratio.
+    """
     gamma = gamma_for_dimension(dim)
-    num_scales = num_scales_for(sigma_begin, sigma_end, gamma)
+    technique2 = num_scales_for(sigma_begin, sigma_end, gamma)
+    num_scales = technique2 if num_scales is None else num_scales
     sigma_ratio = geometric_ratio(sigma_begin, sigma_end, num_scales)
     step_lr = best_step_lr(n_steps_each, sigma_ratio, sigma_end)
     return Recommendation(
         dim=int(dim), sigma_begin=float(sigma_begin), sigma_end=float(sigma_end), gamma=gamma,
         num_scales=num_scales, sigma_ratio=sigma_ratio, n_steps_each=int(n_steps_each),
         step_lr=step_lr,
-        variance_ratio=variance_ratio(step_lr, n_steps_each, sigma_ratio, sigma_end))
+        variance_ratio=variance_ratio(step_lr, n_steps_each, sigma_ratio, sigma_end),
+        technique2_num_scales=technique2)
 
 
 # --- Technique 1 -------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ class TrainingConfig:
     n_iters: int = 300001
     snapshot_freq: int = 5000
     keep_every: int = 50000  # checkpoints kept forever, besides the last few
+    keep_ema_snapshots: bool = True  # the EMA weights of every snapshot, for sweeps
     test_freq: int = 100
     log_freq: int = 50
     anneal_power: float = 2.0

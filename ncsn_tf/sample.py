@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-from ncsn_tf import data, presets, sampling
+from ncsn_tf import data, images, presets, sampling
 from ncsn_tf import flags as config_flags
 
 NAMED_MASKS = ("right_half", "bottom_half", "center")
@@ -39,24 +39,6 @@ _TRAJECTORY_COLUMNS = 8  # images shown per frame in the trajectory PNG
 
 
 # ---- inputs ----
-
-def read_image(path: str, shape: tuple[int, int, int]) -> np.ndarray:
-    """An image file as float32 [H, W, C] in [0, 1], converted to C channels; its size must be
-    the model's (H, W)."""
-    if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(f"Image file {path} does not exist")
-    image = tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
-    if image.shape[-1] in (2, 4):  # drop alpha
-        image = image[..., :-1]
-    if image.shape[-1] == 3 and shape[-1] == 1:
-        image = tf.image.rgb_to_grayscale(image)
-    elif image.shape[-1] == 1 and shape[-1] == 3:
-        image = tf.image.grayscale_to_rgb(image)
-    if tuple(image.shape[:2]) != tuple(shape[:2]):
-        raise ValueError(f"{path} is {image.shape[0]}x{image.shape[1]} pixels, but the model "
-                         f"makes {shape[0]}x{shape[1]} images: resize it first")
-    return image.numpy().astype(np.float32) / 255.0
-
 
 def read_mask(spec: str, shape: tuple[int, int, int]) -> np.ndarray:
     """A 0/1 float32 mask [H, W, 1] (1 = keep the pixel) from an image file (white = keep) or
@@ -74,15 +56,8 @@ def read_mask(spec: str, shape: tuple[int, int, int]) -> np.ndarray:
     if not tf.io.gfile.exists(spec):
         raise FileNotFoundError(f"--mask={spec} is neither an image file nor one of "
                                 f"{', '.join(NAMED_MASKS)}")
-    pixels = read_image(spec, (h, w, 1))
+    pixels = images.read_image(spec, (h, w, 1))
     return (pixels >= 128 / 255).astype(np.float32)
-
-
-def _data_init_images(config: presets.Config, n: int) -> np.ndarray:
-    """The first n test images (repeated if there are fewer), as data_init starting points."""
-    split = data.eval_split(config)
-    ds = data.load(config, split, training=False).repeat().take(n)
-    return np.stack(list(ds.as_numpy_iterator()))
 
 
 # ---- progress ----
@@ -147,7 +122,7 @@ def run_in_chunks(sampler: sampling.AnnealedLangevin, seeds, *, data=None, image
         out = sampler.run_levels(x, seeds, start, end, image=image, mask=mask)
         x = out["samples"]
         if "trajectory" in out:
-            frames.append(sampling.to_uint8(out["trajectory"]).numpy())
+            frames.append(images.to_uint8(out["trajectory"]).numpy())
         if "diagnostics" in out:
             diagnostics.append((start * sampler.n_steps_each, out["diagnostics"]))
         if on_chunk:
@@ -168,7 +143,7 @@ def interpolate(sampler: sampling.AnnealedLangevin, seeds_a, seeds_b, n_interpol
     out["samples"] = tf.reshape(out["samples"], (-1,) + sampler.shape)
     if "trajectory" in out:  # [frames, rows, k, ...] -> [frames, rows · k, ...]
         frames = out["trajectory"]
-        out["trajectory"] = sampling.to_uint8(
+        out["trajectory"] = images.to_uint8(
             tf.reshape(frames, (frames.shape[0], -1) + sampler.shape)).numpy()
     if "diagnostics" in out:
         out["diagnostics"] = [(0, out["diagnostics"])]
@@ -249,12 +224,12 @@ def _write_outputs(f, samples: np.ndarray, seeds: np.ndarray, ncol: int | None,
     for path in (f.out, f.npz):
         if path and os.path.dirname(path):
             tf.io.gfile.makedirs(os.path.dirname(path))
-    sampling.save_image_grid(samples.astype(np.float32) / 255.0, f.out, ncol=ncol)
+    images.save_image_grid(samples.astype(np.float32) / 255.0, f.out, ncol=ncol)
     written = [f.out]
     if trajectory is not None:
         frames = trajectory[:, :_TRAJECTORY_COLUMNS]
         path = os.path.splitext(f.out)[0] + "_trajectory.png"
-        sampling.save_image_grid(
+        images.save_image_grid(
             frames.reshape((-1,) + frames.shape[2:]).astype(np.float32) / 255.0, path,
             ncol=frames.shape[1])
         written.append(path)
@@ -289,9 +264,9 @@ def _sample(f) -> None:
     levels, n = sampler.num_levels, f.num_samples
     image = mask = starts = None
     if f.inpaint:
-        image, mask = read_image(f.inpaint, shape), read_mask(f.mask, shape)
+        image, mask = images.read_image(f.inpaint, shape), read_mask(f.mask, shape)
     if config.sampling.data_init if f.data_init is None else f.data_init:
-        starts = _data_init_images(config, n)
+        starts = data.HeldOutImages(config)(np.arange(n))  # image i from held-out image i
     k = f.n_interpolations if f.interpolate else 1
     batches = _batches(n, max(1, config.sampling.sampling_batch_size // k))
     levels_per_call = f.levels_per_call or max(1, math.ceil(levels / 50))
@@ -314,7 +289,7 @@ def _sample(f) -> None:
                 sampler, batch_seeds, data=batch_starts, image=batch_image, mask=mask,
                 levels_per_call=levels_per_call,
                 on_chunk=lambda done, b=b, m=hi - lo: progress.update(b, done, m))
-        samples.append(sampling.to_uint8(out["samples"]).numpy())
+        samples.append(images.to_uint8(out["samples"]).numpy())
         if "trajectory" in out:
             trajectories.append(out["trajectory"])
         if writer and b == 0:

@@ -404,22 +404,3 @@ def write_diagnostics(summary_writer: tf.summary.SummaryWriter, diagnostics: dic
                 tf.summary.scalar(prefix + name, v[i], step=first_step + i)
     summary_writer.flush()
 
-
-def to_uint8(images) -> tf.Tensor:
-    """Images in [0, 1] (values outside are clipped) to uint8, rounding to nearest."""
-    images = tf.clip_by_value(tf.convert_to_tensor(images, tf.float32), 0.0, 1.0)
-    return tf.cast(tf.floor(images * 255.0 + 0.5), tf.uint8)
-
-
-def save_image_grid(images, path: str, ncol: int | None = None, padding: int = 2) -> None:
-    """Save images [N, H, W, C] in [0, 1] as one PNG grid (`ncol` columns, default ⌈√N⌉)."""
-    images = to_uint8(images)
-    n, h, w, c = images.shape
-    ncol = ncol or math.ceil(math.sqrt(n))
-    nrow = math.ceil(n / ncol)
-    images = tf.pad(images, [[0, nrow * ncol - n], [padding, 0], [padding, 0], [0, 0]])
-    grid = tf.reshape(tf.transpose(tf.reshape(images, [nrow, ncol, h + padding, w + padding, c]),
-                                   [0, 2, 1, 3, 4]),
-                      [nrow * (h + padding), ncol * (w + padding), c])
-    grid = tf.pad(grid, [[0, padding], [0, padding], [0, 0]])
-    tf.io.write_file(path, tf.io.encode_png(grid))

@@ -6,10 +6,12 @@ ema ← rate·ema + (1 − rate)·w (Technique 5). `ema_net` is a second network
 architecture whose weights hold the average; it is what sampling and `test_step` use, and it
 never overwrites the live `net`.
 
-The random draws are stateless: example k of the global batch at optimizer step t uses seeds
+The random draws are stateless: example k of the global batch at training step t uses seeds
 derived from (config.training.seed, t), and each replica keeps its own rows of the global draw.
 So a run gives the same numbers on one device or on several replicas, and a resumed run draws
-what an uninterrupted one would have drawn.
+what an uninterrupted one would have drawn. The training step `step` is the model's own counter,
+not the optimizer's: a run resumed without optimizer state (from a converted official
+checkpoint) continues at its step while Adam's bias correction starts afresh.
 """
 from __future__ import annotations
 
@@ -59,6 +61,10 @@ class ScoreModel(keras.Model):
         `config` by `models.build` when not given. `ema_net` is set non-trainable and starts as
         a copy of `net`.
       num_buckets: how many noise-level buckets to report losses for.
+
+    `step` (int64 variable) counts training steps; `held_out_stats` gives the loss statistics
+    of a held-out batch under draws keyed by a batch key alone, and `evaluate` restarts them,
+    so a checkpoint's held-out loss depends on that checkpoint and the seed only.
     """
 
     def __init__(self, config: presets.Config, net: keras.Model | None = None,
@@ -81,8 +87,10 @@ class ScoreModel(keras.Model):
         self._ema_pairs = [(e, w) for e, w in zip(ema, live) if w.trainable]
         self.num_scales = int(self.net.sigmas.shape[0])
         self.num_buckets = min(num_buckets, self.num_scales)
-        self._test_batches = tf.Variable(0, dtype=tf.int64, trainable=False,
-                                         aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        counter = dict(dtype=tf.int64, trainable=False,
+                       aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        self.step = tf.Variable(0, name="step", **counter)
+        self._test_batches = tf.Variable(0, name="test_batches", **counter)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.grad_norm_tracker = keras.metrics.Mean(name="grad_norm")
         self.bucket_trackers = [keras.metrics.Mean(name=f"loss_bucket_{k}")
@@ -106,10 +114,16 @@ class ScoreModel(keras.Model):
         super().compile(optimizer=optimizer, jit_compile=jit_compile, **kwargs)
         self.optimizer.build(self.net.trainable_variables)
 
+    def evaluate(self, *args, **kwargs):
+        """Keras' `evaluate` with the held-out draws restarted: every call (every checkpoint)
+        sees the same noise levels and noise for the same batches."""
+        self._test_batches.assign(0)
+        return super().evaluate(*args, **kwargs)
+
     def train_step(self, data):
         x = _images(data)
         labels, noise, global_batch = self._perturbation(
-            x, self._seed(_TRAIN_STREAM, self.optimizer.iterations))
+            x, self._seed(_TRAIN_STREAM, self.step))
         variables = self.net.trainable_variables
         with tf.GradientTape() as tape:
             per_example = dsm_loss(lambda y, i: self.net(y, i, training=True), x,
@@ -125,24 +139,32 @@ class ScoreModel(keras.Model):
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
             grad_norm /= self.optimizer.dynamic_scale
         self.optimizer.apply(grads, variables)
-        self._update_ema()
-        # A step that fp16 loss scaling skips (non-finite gradient) is left out of the mean.
+        # A step that fp16 loss scaling skips (non-finite gradient) leaves the EMA alone too,
+        # and is left out of the mean gradient norm.
         finite = tf.math.is_finite(grad_norm)
+        self._update_ema(finite)
+        self.step.assign_add(1)
         self.grad_norm_tracker.update_state(tf.where(finite, grad_norm, 0.0),
                                             sample_weight=tf.cast(finite, tf.float32))
         logs = self._update_loss_trackers(stats, global_batch)
         return {**logs, "grad_norm": self.grad_norm_tracker.result()}
 
     def test_step(self, data):
-        x = _images(data)
-        labels, noise, global_batch = self._perturbation(
-            x, self._seed(_TEST_STREAM, self.optimizer.iterations, self._test_batches))
+        stats, global_batch = self.held_out_stats(_images(data), self._test_batches)
         self._test_batches.assign_add(1)
+        return self._update_loss_trackers(stats, global_batch)
+
+    def held_out_stats(self, x: tf.Tensor, key) -> tuple[tf.Tensor, tf.Tensor]:
+        """The EMA network's DSM loss statistics on held-out images `x` (this replica's rows of
+        a global batch), summed over replicas: ([sum of losses, K bucket sums, K bucket
+        counts], global batch size). The draws depend on `key` and the seed alone; the model's
+        metrics are left untouched."""
+        labels, noise, global_batch = self._perturbation(x, self._seed(_TEST_STREAM, key))
         per_example = dsm_loss(lambda y, i: self.ema_net(y, i, training=False), x,
                                self.ema_net.sigmas, labels, noise,
                                self.config.training.anneal_power)
         _, stats = _sum_over_replicas([], self._loss_stats(per_example, labels))
-        return self._update_loss_trackers(stats, global_batch)
+        return stats, global_batch
 
     def _perturbation(self, x, seed):
         """(labels, noise, global batch size) for this replica's examples `x`."""
@@ -176,15 +198,18 @@ class ScoreModel(keras.Model):
     def _update_loss_trackers(self, stats, global_batch):
         """Updates the loss trackers from global-batch `stats`; returns their current values."""
         k = self.num_buckets
-        self.loss_tracker.update_state(stats[0] / tf.cast(global_batch, tf.float32))
+        # Weighted by the batch size, so a partial last batch counts for what it holds.
+        batch = tf.cast(global_batch, tf.float32)
+        self.loss_tracker.update_state(stats[0] / batch, sample_weight=batch)
         for tracker, total, count in zip(self.bucket_trackers, tf.unstack(stats[1:1 + k]),
                                          tf.unstack(stats[1 + k:])):
             tracker.update_state(total / tf.maximum(count, 1.0), sample_weight=count)
         return {m.name: m.result() for m in (self.loss_tracker, *self.bucket_trackers)}
 
-    def _update_ema(self):
-        """ema ← rate·ema + (1 − rate)·w for every trainable weight, on every replica."""
-        decay = 1.0 - self.config.model.ema_rate
+    def _update_ema(self, apply: tf.Tensor):
+        """ema ← rate·ema + (1 − rate)·w for every trainable weight, on every replica, where
+        `apply` (a boolean scalar) holds; no change otherwise."""
+        decay = tf.where(apply, 1.0 - self.config.model.ema_rate, 0.0)
 
         def update(strategy):
             for ema, live in self._ema_pairs:

@@ -3,7 +3,9 @@
 The config comes from a preset (that of --dataset, or --preset), an optional YAML file
 (--config) and per-field flags, in that order of precedence (see `ncsn_tf.flags`). Re-running
 the same command resumes from the workdir's latest checkpoint; `--workdir=DIR` alone resumes
-with the config saved there. `--mode=test` evaluates every checkpoint on the held-out split.
+with the config saved there. `--init_from=CHECKPOINT_OR_WORKDIR` starts a new run from the
+weights of another (e.g. converted official) checkpoint: fine-tuning. `--mode=test` evaluates
+every checkpoint on the held-out split.
 
 Exit status: 0 when done; 1 on bad flags or config, or a diverged (non-finite) loss, with a
 message saying what to change; 128 + signal number when stopped by SIGTERM/SIGINT after
@@ -46,6 +48,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                          "full run).", lower_bound=0, **fv)
     flags.DEFINE_bool("allow_config_change", False, "Resume a workdir even though the config "
                       "changed in a way that alters training (batch size, lr, ...).", **fv)
+    flags.DEFINE_string("init_from", None, "Fine-tune: start a new run (step 0, fresh "
+                        "optimizer) from the live and EMA weights of this workdir or checkpoint "
+                        "prefix, e.g. one written by ncsn_tf.convert from official weights. The "
+                        "architecture (arch, ngf, channels) must match; the noise levels, data "
+                        "and optimizer settings are this run's.", **fv)
     flags.DEFINE_integer("test_batches", 0, "--mode=test: batches per checkpoint (0: the "
                          "whole held-out split).", lower_bound=0, **fv)
 
@@ -54,7 +61,8 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
     f = flag_values
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    from ncsn_tf import callbacks, data, training  # TensorFlow starts here, after parsing
+    # TensorFlow starts here, after parsing.
+    from ncsn_tf import callbacks, checkpoints, data, training
 
     config = _config(f, training)  # bad flags fail here, before any heavy work
     # MultiWorkerMirroredStrategy must exist before any other TensorFlow op runs.
@@ -67,9 +75,10 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
         options = training.RunOptions(
             strategy=f.strategy, tpu=f.tpu, jit_compile=f.jit_compile,
             snapshot_samples=f.snapshot_samples, snapshot_num_scales=f.snapshot_num_scales,
-            allow_config_change=f.allow_config_change)
+            allow_config_change=f.allow_config_change, init_from=f.init_from)
         result = training.train(config, f.workdir, options, strategy)
-    except (training.RunConfigError, data.MissingDataError) as error:
+    except (training.RunConfigError, data.MissingDataError, checkpoints.CheckpointError,
+            FileNotFoundError) as error:
         sys.exit(f"ncsn_tf.train: {error}")
     except callbacks.NonFiniteLossError as error:
         logging.error("%s", error)

@@ -5,14 +5,17 @@ callbacks of `ncsn_tf.callbacks`, and resumes from the workdir's latest checkpoi
 
     WORKDIR/config.yaml        the resolved config (a resumed run must match it)
     WORKDIR/checkpoints/       net, ema_net, step, optimizer (`ncsn_tf.checkpoints`): the last
-                               few, plus every multiple of keep_every in checkpoints/kept/
+                               few, every multiple of keep_every in checkpoints/kept/, and the
+                               EMA weights of every snapshot in checkpoints/ema/
     WORKDIR/tensorboard/train  scalars, sample grids, the training-input grid
     WORKDIR/tensorboard/test   `--mode=test`: held-out loss of every checkpoint
     WORKDIR/samples/           PNG grids of the snapshot samples
     WORKDIR/test_losses.csv    `--mode=test` results
 
 Resuming: model, EMA, optimizer and step are restored; the noise draws of `ScoreModel` are
-keyed by the step, so they continue exactly. The data order is not restored (a tf.data
+keyed by the step, so they continue exactly. A checkpoint without optimizer state (converted
+from the official code) resumes at its step with a fresh optimizer. `RunOptions.init_from`
+starts a new run (step 0, fresh optimizer) from the weights of another checkpoint: fine-tuning. The data order is not restored (a tf.data
 shuffle buffer is too large to checkpoint): the pipeline is reseeded with seed + resume step,
 so a resumed run sees a fresh shuffle rather than replaying the batches of the first start.
 
@@ -35,7 +38,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from ncsn_tf import callbacks, checkpoints, data, noise, presets, sampling
+from ncsn_tf import callbacks, checkpoints, data, models, noise, presets, sampling
 from ncsn_tf.score_model import ScoreModel
 
 STRATEGIES = ("mirrored", "multi_worker", "tpu", "one_device")
@@ -43,7 +46,7 @@ STRATEGIES = ("mirrored", "multi_worker", "tpu", "one_device")
 HARMLESS_CHANGES = {
     ("data", "data_dir"), ("training", "n_iters"), ("training", "snapshot_freq"),
     ("training", "keep_every"), ("training", "test_freq"), ("training", "log_freq"),
-    ("training", "snapshot_sampling"),
+    ("training", "snapshot_sampling"), ("training", "keep_ema_snapshots"),
 } | {("sampling", f.name) for f in dataclasses.fields(presets.SamplingConfig)}
 MAX_TO_KEEP = 3  # the last few checkpoints, besides those at multiples of keep_every
 TENSORBOARD_DIR = "tensorboard"
@@ -69,6 +72,9 @@ class RunOptions:
       allow_config_change: resume a workdir although the config changed in ways that alter
         the training (batch size, learning rate, ...).
       deterministic_data: reproducible input order (slower); always on for multi-worker.
+      init_from: a workdir or checkpoint prefix whose live and EMA weights start a new run
+        (step 0, fresh optimizer; the architecture must match). Ignored, with a warning, when
+        the workdir already holds a checkpoint to resume.
     """
     strategy: str = "mirrored"
     tpu: str | None = None
@@ -77,6 +83,7 @@ class RunOptions:
     snapshot_num_scales: int = 100
     allow_config_change: bool = False
     deterministic_data: bool = False
+    init_from: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,19 +196,42 @@ def prepare_workdir(config: presets.Config, workdir: str, *, write: bool = True,
 
 
 def _checkpoint_manager(model: ScoreModel, workdir: str) -> tf.train.CheckpointManager:
-    checkpoint = checkpoints.make_checkpoint(model.net, model.ema_net, optimizer=model.optimizer)
+    checkpoint = checkpoints.make_checkpoint(model.net, model.ema_net, model.step,
+                                             optimizer=model.optimizer)
     return checkpoints.make_manager(workdir, checkpoint, MAX_TO_KEEP)
 
 
-def checkpoint_steps(workdir: str) -> dict[int, str]:
-    """Every saved checkpoint of a workdir, rotated or kept: step -> prefix."""
-    found = {}
-    directory = checkpoints.checkpoint_dir(workdir)
-    for pattern in ("ckpt-*.index", os.path.join(checkpoints.KEPT_DIR, "ckpt-*.index")):
-        for index in tf.io.gfile.glob(os.path.join(directory, pattern)):
-            prefix = index[:-len(".index")]
-            found.setdefault(int(prefix.rsplit("-", 1)[-1]), prefix)
-    return dict(sorted(found.items()))
+# Settings that decide the shapes of a network's weights.
+_ARCHITECTURE = ("arch", "ngf", "channels")
+
+
+def initialize_from(model: ScoreModel, config: presets.Config, source: str) -> int:
+    """Copies the live and EMA weights of `source` (a workdir or checkpoint prefix) into
+    `model`, keeping `config`'s σ table; returns the source's step.
+
+    An EMA snapshot (no live weights) initialises both networks from its EMA weights. Raises
+    `RunConfigError` naming the settings that differ when the architectures do not match.
+    """
+    ema, source_config, step = checkpoints.load(source, ema=True)
+    try:
+        live, _, _ = checkpoints.load(source, ema=False)
+    except checkpoints.CheckpointError:
+        logging.warning("%s holds EMA weights only: both networks start from them.", source)
+        live = ema
+    mine = dict(arch=models.arch_name(config), ngf=config.model.ngf,
+                channels=config.data.channels)
+    theirs = dict(arch=models.arch_name(source_config), ngf=source_config.model.ngf,
+                  channels=source_config.data.channels)
+    differ = [f"{k}: {theirs[k]!r} there, {mine[k]!r} here" for k in _ARCHITECTURE
+              if mine[k] != theirs[k]]
+    if differ:
+        raise RunConfigError(
+            f"--init_from={source} has another architecture ({'; '.join(differ)}). Pass the "
+            "same settings (e.g. --arch, --ngf, --channels) to fine-tune from it.")
+    for target, origin in ((model.net, live), (model.ema_net, ema)):
+        for t, o in zip(target.trainable_weights, origin.trainable_weights):
+            t.assign(o)
+    return step
 
 
 # ---------------------------------------------------------------------------- train
@@ -239,9 +269,21 @@ def train(config: presets.Config, workdir: str, options: RunOptions = RunOptions
         _give_step_outputs_a_batch_axis(model)
     manager = _checkpoint_manager(model, workdir)
     if latest:
-        manager.checkpoint.restore(latest).assert_existing_objects_matched()
-        logging.info("Resumed from %s", latest)
-    start_step = int(model.optimizer.iterations.numpy())
+        if options.init_from:
+            logging.warning("Ignoring --init_from=%s: %s already holds a checkpoint; resuming "
+                            "it.", options.init_from, workdir)
+        if checkpoints.restore(latest, net=model.net, ema_net=model.ema_net, step=model.step,
+                               optimizer=model.optimizer):
+            logging.info("Resumed from %s", latest)
+        else:
+            logging.warning("Resumed from %s, which holds no optimizer state (e.g. converted "
+                            "from an official checkpoint): the live and EMA weights and the "
+                            "step are restored, Adam starts fresh.", latest)
+    elif options.init_from:
+        source_step = initialize_from(model, config, options.init_from)
+        logging.info("Starting from the live and EMA weights of %s (its step %d); step 0, "
+                     "fresh optimizer.", options.init_from, source_step)
+    start_step = int(model.step.numpy())
     if start_step >= t.n_iters:
         logging.info("%s is already trained to step %d (n_iters=%d); nothing to do. Raise "
                      "--n_iters to train longer.", workdir, start_step, t.n_iters)
@@ -255,7 +297,8 @@ def train(config: presets.Config, workdir: str, options: RunOptions = RunOptions
     saver = manager if chief else _checkpoint_manager(model, scratch)
     checkpointer = callbacks.Checkpointer(
         start_step, t.snapshot_freq,
-        lambda step: checkpoints.save(saver, step, t.keep_every if chief else 0),
+        lambda step: checkpoints.save(saver, step, t.keep_every if chief else 0,
+                                      keep_ema=chief and t.keep_ema_snapshots),
         lambda: model.net.weights + model.ema_net.weights,
         agree=_any_worker(strategy) if multi_worker else None)
     fit_callbacks = _callbacks(config, model, workdir, strategy, options, start_step, writer,
@@ -289,7 +332,7 @@ def _callbacks(config: presets.Config, model: ScoreModel, workdir: str,
     out = [guard, callbacks.ProgressLogger(
         start_step, t.n_iters, t.batch_size, t.log_freq, writer,
         lambda: float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)),
-        also_every=t.test_freq, bucket_descriptions=_bucket_descriptions(guard))]
+        bucket_descriptions=_bucket_descriptions(guard))]
     test_iterator = _held_out_iterator(config, strategy, t.seed) if t.test_freq else None
     if test_iterator is not None:
         out.append(callbacks.HeldOutLoss(start_step, t.test_freq, test_iterator, writer))
@@ -404,8 +447,7 @@ def evaluate_checkpoints(config: presets.Config, workdir: str,
         model.compile()
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         _give_step_outputs_a_batch_axis(model)
-    checkpoint = checkpoints.make_checkpoint(model.net, model.ema_net, optimizer=model.optimizer)
-    paths = checkpoint_steps(workdir)
+    paths = dict(checkpoints.checkpoint_prefixes(workdir))
     if not paths:
         raise FileNotFoundError(f"No checkpoints in {checkpoints.checkpoint_dir(workdir)} to "
                                 "evaluate; train first.")
@@ -420,7 +462,10 @@ def evaluate_checkpoints(config: presets.Config, workdir: str,
               if chief else tf.summary.create_noop_writer())
     rows = []
     for step, path in paths.items():
-        checkpoint.restore(path).expect_partial()
+        if "ema_net" not in checkpoints.contents(path):
+            raise checkpoints.CheckpointError(f"{path} holds no EMA weights to evaluate")
+        status = tf.train.Checkpoint(ema_net=model.ema_net.weights).restore(path)
+        status.assert_existing_objects_matched().expect_partial()
         results = model.evaluate(test_ds, verbose=0, return_dict=True)
         row = {"step": step, "test_loss": results["loss"],
                **{k: v for k, v in sorted(results.items()) if k.startswith("loss_bucket_")}}

@@ -37,7 +37,7 @@ def evaluate(model_dir: str, examples_dir: str, out_dir: str, *, feature_network
     `feature_network`: a spec of `ncsn_tf.inception.load_feature_network` (tfgan, keras,
     random-test, ...); its name goes into the metrics. Returns the metrics.
     """
-    from ncsn_tf import data, inception, metrics, sampling
+    from ncsn_tf import data, images, inception, metrics
     from ncsn_tf import evaluate as fid
 
     if num_samples < 2:
@@ -70,7 +70,7 @@ def evaluate(model_dir: str, examples_dir: str, out_dir: str, *, feature_network
         json.dump(result, f, indent=2)
     metrics.save_statistics(os.path.join(out_dir, REFERENCE_STATISTICS_FILE), mu, sigma,
                             network=feature_net.name, num_images=num_reference)
-    sampling.save_image_grid(samples[:_GRID_IMAGES].astype(np.float32) / 255.0,
+    images.save_image_grid(samples[:_GRID_IMAGES].astype(np.float32) / 255.0,
                              os.path.join(out_dir, SAMPLES_FILE))
     return result
 

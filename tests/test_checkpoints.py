@@ -8,6 +8,7 @@ import tensorflow as tf
 import yaml
 
 from ncsn_tf import checkpoints, models, optimizers, presets
+from ncsn_tf.score_model import ScoreModel
 from test_score_model import images, tiny_config, tiny_model, train  # the stand-in setup
 
 CONFIG = presets.override(presets.get("cifar10"), ngf=4, num_scales=10, image_size=8,
@@ -75,9 +76,9 @@ def test_training_checkpoint_with_optimizer_loads_for_sampling(tmp_path, nets):
     net, ema_net = nets
     optimizer = optimizers.build_optimizer(presets.override(CONFIG, precision="fp16"))
     optimizer.build(net.trainable_variables)
-    optimizer.iterations.assign(42)
     checkpoints.write_config(workdir, CONFIG)
-    checkpoint = checkpoints.make_checkpoint(net, ema_net, optimizer=optimizer)
+    checkpoint = checkpoints.make_checkpoint(net, ema_net, tf.Variable(42, dtype=tf.int64),
+                                             optimizer=optimizer)
     checkpoints.save(checkpoints.make_manager(workdir, checkpoint), step=42)
     names = {name.split("/")[0] for name, _ in tf.train.list_variables(workdir + "/checkpoints")}
     assert {"net", "ema_net", "step", "optimizer"} <= names
@@ -98,15 +99,14 @@ def test_resume_continues_exactly(tmp_path):
 
     first = tiny_model(config)
     train(first, data.take(2))
-    checkpoint = checkpoints.make_checkpoint(first.net, first.ema_net, optimizer=first.optimizer)
-    checkpoints.save(checkpoints.make_manager(workdir, checkpoint), first.optimizer.iterations)
+    checkpoint = checkpoints.make_checkpoint(first.net, first.ema_net, first.step,
+                                             optimizer=first.optimizer)
+    prefix = checkpoints.save(checkpoints.make_manager(workdir, checkpoint), first.step)
 
     resumed = tiny_model(config, init_seed=7)  # different initial weights, all overwritten
-    checkpoint = checkpoints.make_checkpoint(resumed.net, resumed.ema_net,
-                                             optimizer=resumed.optimizer)
-    manager = checkpoints.make_manager(workdir, checkpoint)
-    checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-    assert int(resumed.optimizer.iterations.numpy()) == 2
+    assert checkpoints.restore(prefix, net=resumed.net, ema_net=resumed.ema_net,
+                               step=resumed.step, optimizer=resumed.optimizer)
+    assert int(resumed.step.numpy()) == int(resumed.optimizer.iterations.numpy()) == 2
     train(resumed, data.skip(2))
     for a, b in zip(reference.net.weights + reference.ema_net.weights
                     + reference.optimizer.variables,
@@ -131,6 +131,17 @@ def test_rotation_keeps_the_latest_and_every_keep_every(tmp_path, nets):
 
     assert prefixes(os.path.join(workdir, "checkpoints")) == ["ckpt-5", "ckpt-6"]
     assert prefixes(os.path.join(workdir, "checkpoints", "kept")) == ["ckpt-3", "ckpt-6"]
+    # The EMA weights of every snapshot stay, at a quarter or less of a full checkpoint's size.
+    assert prefixes(os.path.join(workdir, "checkpoints", "ema")) == [f"ckpt-{n}" for n in
+                                                                      range(1, 7)]
+    assert [s for s, _ in checkpoints.checkpoint_prefixes(workdir)] == list(range(1, 7))
+    by_step = dict(checkpoints.checkpoint_prefixes(workdir))
+    assert "/ema/" in by_step[1] and "/kept/" in by_step[3] and "/ema/" not in by_step[6]
+    assert checkpoints.contents(by_step[1]) == {"ema_net", "step"}
+    loaded_ema, _, step_1 = checkpoints.load(by_step[1])
+    assert step_1 == 1
+    with pytest.raises(checkpoints.CheckpointError, match="EMA snapshot"):
+        checkpoints.load(by_step[1], ema=False)
     assert manager.latest_checkpoint == os.path.join(workdir, "checkpoints", "ckpt-6")
     loaded, config, step_3 = checkpoints.load(os.path.join(workdir, "checkpoints", "kept",
                                                            "ckpt-3"))
@@ -163,3 +174,60 @@ def test_load_explains_what_is_missing(tmp_path, nets):
     tf.train.Checkpoint(net=net.weights).write(orphan)
     with pytest.raises(FileNotFoundError, match="No config.yaml found above"):
         checkpoints.load(orphan)
+
+
+def _size(prefix):
+    return sum(os.path.getsize(p) for p in tf.io.gfile.glob(prefix + ".*"))
+
+
+def test_restore_without_optimizer_state_and_clear_errors(tmp_path):
+    """A converted checkpoint (no optimizer) restores weights and step and leaves Adam fresh;
+    unreadable, foreign or mismatched checkpoints give one short paragraph naming the file."""
+    config = tiny_config()
+    source = tiny_model(config)
+    train(source, tf.data.Dataset.from_tensor_slices(images(16)).batch(8))
+    workdir = str(tmp_path / "converted")
+    prefix = checkpoints.save_converted(workdir, config, source.net, source.ema_net, step=1234)
+
+    target = tiny_model(config, init_seed=5)
+    assert not checkpoints.restore(prefix, net=target.net, ema_net=target.ema_net,
+                                   step=target.step, optimizer=target.optimizer)
+    assert int(target.step.numpy()) == 1234 and int(target.optimizer.iterations.numpy()) == 0
+    assert all(np.all(v.numpy() == 0) for v in target.optimizer.variables
+               if len(v.shape) and "momentum" in v.path)
+    for a, b in zip(source.net.weights + source.ema_net.weights,
+                    target.net.weights + target.ema_net.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+    # A full training checkpoint is about four weight copies (live, EMA, two Adam moments);
+    # its EMA snapshot one.
+    full = checkpoints.make_checkpoint(target.net, target.ema_net, target.step,
+                                       optimizer=target.optimizer)
+    full_prefix = checkpoints.save(checkpoints.make_manager(str(tmp_path / "full"), full), 7)
+    ema_prefix = os.path.join(str(tmp_path / "full"), "checkpoints", "ema", "ckpt-7")
+    assert 0.2 < _size(ema_prefix) / _size(full_prefix) < 0.3
+
+    truncated = str(tmp_path / "truncated" / "ckpt-1")
+    tf.io.gfile.makedirs(os.path.dirname(truncated))
+    for path in tf.io.gfile.glob(prefix + ".*"):
+        with open(path, "rb") as f:
+            content = f.read()
+        with open(truncated + path[len(prefix):], "wb") as f:
+            f.write(content[:len(content) // 2])
+    foreign = str(tmp_path / "foreign" / "ckpt-1")
+    tf.train.Checkpoint(model=tf.Variable([1.0, 2.0])).write(foreign)
+    real = presets.override(presets.get("digits"), ngf=4, num_scales=4)
+    narrow = checkpoints.save_converted(str(tmp_path / "narrow"), real, models.build(real),
+                                        models.build(real), step=1)
+    wider = ScoreModel(presets.override(real, ngf=8))
+    wider.compile()
+    for path, match in ((truncated, "Cannot read the checkpoint .*truncated"),
+                        (foreign, "holds no ema_net, net, step: it is not a full ncsn_tf"),
+                        (str(tmp_path / "missing" / "ckpt-3"), "Cannot read the checkpoint"),
+                        (narrow, "does not fit this model")):
+        model = wider if path == narrow else target
+        with pytest.raises(checkpoints.CheckpointError, match=match) as error:
+            checkpoints.restore(path, net=model.net, ema_net=model.ema_net, step=model.step,
+                                optimizer=model.optimizer)
+        assert path in str(error.value) and len(str(error.value)) < 900
+        assert "\n" not in str(error.value)

@@ -210,7 +210,7 @@ def test_client_cli_writes_a_grid(model, server, tmp_path):
                "--batch_size=3", f"--out={out}"])
     client.main(argv, fv)
     grid = tf.io.decode_png(tf.io.read_file(str(out))).numpy()
-    assert grid.shape == (2 * 18 + 2, 2 * 18 + 2, 1)  # 2x2 cells of 16 px, 2 px padding
+    assert grid.shape == (2 * 66 + 2, 2 * 66 + 2, 1)  # 2x2 cells of 16 px shown at 64, 2 px padding
     images = model.signatures["serving_default"](
         seed=tf.constant([10, 11, 12, 13], tf.int64))["images"].numpy()
     for i, image in enumerate(images):

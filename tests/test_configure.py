@@ -33,6 +33,24 @@ def test_json_for_a_given_dimension_and_sigma_begin():
     assert report["sigma_begin_source"] == "given" and report["shape"] is None
 
 
+def test_num_scales_of_ones_own_gives_the_step_size_for_that_table():
+    """CIFAR-10's official L = 232 (Technique 2 alone gives 220): ε for that table's ratio is
+    the paper's 6.2e-6, and the variance ratio it reaches is reported."""
+    report = json.loads(_run("--dim=3072", "--sigma_begin=50", "--num_scales=232", "--json"))
+    ratio = (50 / 0.01) ** (1 / 231)
+    assert report["num_scales"] == 232 and report["technique2_num_scales"] == 220
+    assert report["sigma_ratio"] == pytest.approx(ratio, rel=1e-12)
+    assert report["step_lr"] == pytest.approx(6.2e-6, rel=0.01)
+    assert report["step_lr"] == noise.best_step_lr(5, ratio, 0.01)
+    assert report["variance_ratio"] == pytest.approx(
+        noise.variance_ratio(report["step_lr"], 5, ratio, 0.01))
+    table = _run("--dim=3072", "--sigma_begin=50", "--num_scales=232")
+    assert "given (--num_scales)" in table and "Technique 2 gives 220" in table
+    assert "--num_scales=232" in table and "variance ratio 1.05" in table
+    with pytest.raises(absl_flags.IllegalFlagValueError):
+        _run("--dim=3072", "--sigma_begin=50", "--num_scales=1")
+
+
 def test_image_size_and_channels_give_the_dimension_and_options_are_honoured():
     report = json.loads(_run("--image_size=28", "--channels=1", "--sigma_begin=28",
                              "--sigma_end=0.02", "--n_steps_each=3", "--json"))

@@ -15,6 +15,7 @@ from absl import app as absl_app
 from absl import flags as absl_flags
 
 from ncsn_tf import checkpoints, evaluate, export, inception, metrics, models, presets, sampling
+from ncsn_tf import images as image_io
 
 UNREACHABLE = "http://127.0.0.1:1/unreachable"  # connection refused at once, even when online
 
@@ -293,7 +294,7 @@ def test_neighbor_grid_png_places_samples_then_neighbours(tmp_path):
     np.testing.assert_array_equal(grid[1:5, 21:26], uint8(neighbours[0, 2]))
     assert (grid[:, 6:9] == 255).all() and (grid[5] == 255).all()  # white gaps
     path = str(tmp_path / "out" / "nn.png")
-    evaluate.save_png(path, grid)
+    image_io.save_png(path, grid)
     np.testing.assert_array_equal(tf.io.decode_png(tf.io.read_file(path)).numpy(), grid)
 
 
@@ -342,7 +343,7 @@ def langevin(net, denoise):
     sampler = sampling.AnnealedLangevin.from_config(
         lambda x, labels: net(x, labels, training=False), net.sigmas,
         presets.override(TINY, denoise=denoise))
-    return lambda seeds: sampling.to_uint8(
+    return lambda seeds: image_io.to_uint8(
         sampler.sample(np.asarray(seeds, np.int64))["samples"]).numpy()
 
 
@@ -505,3 +506,27 @@ def test_fast_fid_sweep_scores_every_checkpoint(net, grey_reference, tmp_path, c
 def test_cli_refuses_contradictory_flags(args, message, capsys):
     with pytest.raises(absl_app.UsageError, match=message):
         run_cli(args, capsys)
+
+
+def test_data_init_starts_each_seed_from_its_held_out_image(tmp_path):
+    """With data_init (honoured as by ncsn_tf.sample), seed s starts from held-out image s
+    (mod the split's size) perturbed by σ1; without it from uniform noise."""
+    from ncsn_tf import data
+    config = presets.override(presets.get("digits"), ngf=4, num_scales=3, n_steps_each=1)
+    keras.utils.set_random_seed(0)
+    net = models.build(config)
+    workdir = str(tmp_path / "run")
+    checkpoints.save_converted(workdir, config, net, net, 1)
+    held_out = np.concatenate(list(data.load(config, "test", training=False, batch_size=197)))
+    starts = data.HeldOutImages(config)
+    np.testing.assert_array_equal(starts([5, 197 + 3, 0]), held_out[[5, 3, 0]])
+
+    seeds = np.array([0, 5, 200], np.int64)
+    model = evaluate.load_checkpoint_model(workdir, {"data_init": True})
+    assert model.sampler["data_init"] is True
+    sampler = sampling.AnnealedLangevin.from_config(
+        lambda x, labels: net(x, labels, training=False), net.sigmas, config)
+    expected = image_io.to_uint8(sampler.sample(seeds, held_out[[0, 5, 3]])["samples"]).numpy()
+    np.testing.assert_array_equal(model.sample_fn(seeds), expected)
+    from_noise = evaluate.load_checkpoint_model(workdir).sample_fn(seeds)
+    assert not np.array_equal(from_noise, expected)

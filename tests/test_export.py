@@ -13,6 +13,7 @@ from absl import flags
 from tensorflow.core.protobuf import saved_model_pb2
 
 from ncsn_tf import export, models, presets, sampling
+from ncsn_tf import images as image_io
 
 CONFIG = presets.override(presets.get("digits"), ngf=4, num_scales=4, n_steps_each=1,
                           sampling_batch_size=4)
@@ -95,7 +96,7 @@ def test_sampling_signatures_are_seed_deterministic(library, model):
     np.testing.assert_array_equal(other[2], out["images"][0])
     assert not np.array_equal(out["images"][0], out["images"][1])
     # The same images as the library's sampler on the network that was exported.
-    expected = sampling.to_uint8(library[True].sample(_seeds(7, 8, 9))["samples"])
+    expected = image_io.to_uint8(library[True].sample(_seeds(7, 8, 9))["samples"])
     np.testing.assert_array_equal(out["images"], expected)
     for png, image in zip(out["png_bytes"], out["images"]):
         np.testing.assert_array_equal(tf.io.decode_png(png), image)
@@ -107,7 +108,7 @@ def test_sampling_signatures_are_seed_deterministic(library, model):
     plain = with_settings(seed=_seeds(8), n_steps_each=tf.constant(2),
                           step_lr=tf.constant(1e-5), denoise=tf.constant(False))
     expected = library[False].sample(_seeds(8), n_steps_each=2, step_lr=1e-5)
-    np.testing.assert_array_equal(plain["images"], sampling.to_uint8(expected["samples"]))
+    np.testing.assert_array_equal(plain["images"], image_io.to_uint8(expected["samples"]))
 
 
 def test_inpaint_keeps_known_pixels(model):
@@ -324,3 +325,28 @@ def test_cli_exports_a_workdir(net, tmp_path):
     argv = fv(["export", f"--workdir={tmp_path / 'nothing'}", f"--base_path={tmp_path}"])
     with pytest.raises(SystemExit, match="export: "):
         export.main(argv, fv)
+
+
+def test_data_init_is_refused_unless_turned_off(net, tmp_path):
+    """A served model samples from noise: a data_init config is refused with what to do, and
+    --nodata_init exports it."""
+    from ncsn_tf import checkpoints
+
+    workdir = str(tmp_path / "run")
+    checkpoints.save_converted(workdir, presets.override(CONFIG, data_init=True), net, net, 5)
+    with pytest.raises(ValueError, match="data_init.*--nodata_init"):
+        export.export(net, presets.override(CONFIG, data_init=True), 5, str(tmp_path), "x",
+                      settings=SETTINGS)
+
+    def run(*extra):
+        fv = flags.FlagValues()
+        export.define_flags(fv)
+        export.main(fv(["export", f"--workdir={workdir}", f"--base_path={tmp_path / 'm'}",
+                        *extra]), fv)
+
+    with pytest.raises(SystemExit, match="export: .*data_init.*--nodata_init"):
+        run()
+    assert not (tmp_path / "m").exists()
+    run("--nodata_init")
+    assert not export.read_metadata(str(tmp_path / "m" / "ncsn" / "1"))["config"]["sampling"][
+        "data_init"]

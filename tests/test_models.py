@@ -294,3 +294,44 @@ def test_tf_train_checkpoint_saves_every_weight(tmp_path):
     tf.train.Checkpoint(net=fresh).restore(path).assert_consumed()
     for a, b in zip(net.weights, fresh.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_initial_weights_follow_pytorch_defaults_with_independent_draws():
+    """Initial weights as the official code's PyTorch modules draw them: each conv's kernel and
+    bias independently from U(±1/√fan_in) (what torch.nn.Conv2d does, checked against torch
+    itself), InstanceNorm++'s α and γ independently from N(1, 0.02), β = 0."""
+    torch = pytest.importorskip("torch")
+    from scipy import stats
+    keras.utils.set_random_seed(0)
+    net = models.build(presets.get("digits"))
+    convs = [layer for layer in net._flatten_layers() if isinstance(layer, keras.layers.Conv2D)]
+    norms = [layer for layer in net._flatten_layers()
+             if isinstance(layer, layers.InstanceNormPlus)]
+    assert len(convs) > 40 and len(norms) > 15
+    ours, theirs = [], []
+    torch.manual_seed(0)
+    for conv in convs:
+        kh, kw, c_in, c_out = conv.kernel.shape
+        bound = 1.0 / np.sqrt(c_in * kh * kw)
+        reference = torch.nn.Conv2d(c_in, c_out, (kh, kw))
+        assert np.abs(reference.weight.detach().numpy()).max() <= bound  # same bound as torch
+        kernel = conv.kernel.numpy()
+        ours.append(kernel.ravel() / bound)
+        theirs.append(reference.weight.detach().numpy().ravel() / bound)
+        if conv.use_bias:  # the official code's biasless convs (RefineNet blocks) have none
+            bias = conv.bias.numpy()
+            assert not np.allclose(bias, kernel[0, 0, 0]), "bias drawn from the kernel's seed"
+            ours.append(bias / bound)
+            theirs.append(reference.bias.detach().numpy() / bound)
+        assert np.abs(ours[-1]).max() <= 1 and np.abs(ours[-2]).max() <= 1
+    ours, theirs = np.concatenate(ours), np.concatenate(theirs)
+    # Same distribution as torch's (both U(-1, 1) after scaling) by a two-sample KS test.
+    assert stats.ks_2samp(ours, theirs).pvalue > 1e-3
+    assert stats.kstest(ours, stats.uniform(-1, 2).cdf).pvalue > 1e-3
+    alpha = np.concatenate([n.alpha.numpy() for n in norms])
+    gamma = np.concatenate([n.gamma.numpy() for n in norms])
+    assert not np.allclose(alpha, gamma), "alpha and gamma drawn from one seed"
+    for values in (alpha, gamma):
+        assert stats.kstest(values, stats.norm(1.0, 0.02).cdf).pvalue > 1e-3
+    assert abs(np.corrcoef(alpha, gamma)[0, 1]) < 0.2
+    assert all(np.all(n.beta.numpy() == 0) for n in norms)

@@ -12,6 +12,7 @@ import tensorflow as tf
 from absl import flags
 
 from ncsn_tf import checkpoints, models, presets, sample, sampling
+from ncsn_tf import images as image_io
 
 CONFIG = presets.override(presets.get("digits"), ngf=4, num_scales=4, n_steps_each=1,
                           sampling_batch_size=3)
@@ -34,7 +35,7 @@ def reference(workdir):
     net, config, _ = checkpoints.load(workdir)
     sampler = sampling.AnnealedLangevin.from_config(
         lambda x, labels: net(x, labels, training=False), net.sigmas, config)
-    return sampling.to_uint8(sampler.sample(np.arange(3, 8))["samples"]).numpy()
+    return image_io.to_uint8(sampler.sample(np.arange(3, 8))["samples"]).numpy()
 
 
 def run(*args):
@@ -47,9 +48,14 @@ def _png(path):
     return tf.io.decode_png(tf.io.read_file(str(path))).numpy()
 
 
+TILE = 64  # 16-px images are shown 4x enlarged (nearest neighbour) in the PNG grids
+
+
 def _cell(grid, r, c, size=16, padding=2):
-    top, left = padding + r * (size + padding), padding + c * (size + padding)
-    return grid[top:top + size, left:left + size]
+    """The image in row r, column c of a grid, at its own size (every 4th pixel)."""
+    top, left = padding + r * (TILE + padding), padding + c * (TILE + padding)
+    step = TILE // size
+    return grid[top:top + TILE:step, left:left + TILE:step]
 
 
 def test_samples_grid_npz_and_seeds(workdir, reference, tmp_path):
@@ -61,7 +67,7 @@ def test_samples_grid_npz_and_seeds(workdir, reference, tmp_path):
     np.testing.assert_array_equal(saved["seeds"], [3, 4, 5, 6, 7])
     np.testing.assert_array_equal(saved["samples"], reference)
     grid = _png(tmp_path / "s.png")
-    assert grid.shape == (2 * 18 + 2, 3 * 18 + 2, 1)  # ⌈√5⌉ = 3 columns, 2 rows
+    assert grid.shape == (2 * 66 + 2, 3 * 66 + 2, 1)  # ⌈√5⌉ = 3 columns, 2 rows
     for i in range(5):
         np.testing.assert_array_equal(_cell(grid, *divmod(i, 3)), reference[i])
     # Other seeds, batch split and chunking: image of seed s is the same.
@@ -105,8 +111,20 @@ def test_interpolate_rows_start_from_the_seed_samples(workdir, reference, tmp_pa
     np.testing.assert_array_equal(samples[:, 0], reference[:2])
     assert not np.array_equal(samples[:, 2], reference[:2])
     grid = _png(tmp_path / "i.png")
-    assert grid.shape == (2 * 18 + 2, 3 * 18 + 2, 1)  # one row per pair of seeds
+    assert grid.shape == (2 * 66 + 2, 3 * 66 + 2, 1)  # one row per pair of seeds
     np.testing.assert_array_equal(_cell(grid, 1, 2), samples[1, 2])
+
+    # --nodenoise (as the official interpolation, which never denoises): angle 0 is then the
+    # plain sample without the final denoising step.
+    run(f"--workdir={workdir}", "--interpolate", "--num_samples=2", "--n_interpolations=3",
+        "--seed=3", "--nodenoise", f"--out={tmp_path}/n.png", f"--npz={tmp_path}/n.npz")
+    raw = np.load(tmp_path / "n.npz")["samples"].reshape(2, 3, 16, 16, 1)
+    net, config, _ = checkpoints.load(workdir)
+    plain = sampling.AnnealedLangevin.from_config(
+        lambda x, labels: net(x, labels, training=False), net.sigmas, config, denoise=False)
+    np.testing.assert_array_equal(
+        raw[:, 0], image_io.to_uint8(plain.sample(np.arange(3, 5))["samples"]).numpy())
+    assert not np.array_equal(raw[:, 0], samples[:, 0])
 
 
 def test_data_init_trajectory_and_diagnostics(workdir, reference, tmp_path):
@@ -119,7 +137,7 @@ def test_data_init_trajectory_and_diagnostics(workdir, reference, tmp_path):
     # L·T = 4 steps, a frame after every 2nd: 2 frames of both images.
     assert saved["trajectory"].dtype == np.uint8 and saved["trajectory"].shape == (2, 2, 16,
                                                                                    16, 1)
-    assert _png(tmp_path / "d_trajectory.png").shape == (2 * 18 + 2, 2 * 18 + 2, 1)
+    assert _png(tmp_path / "d_trajectory.png").shape == (2 * 66 + 2, 2 * 66 + 2, 1)
     assert tf.io.gfile.glob(f"{tmp_path}/tb/events.out.tfevents.*")
 
 
@@ -180,4 +198,4 @@ def test_official_checkpoint_from_the_importer(tmp_path):
     assert "levels 10/10" in result.stderr  # the progress bar went through all levels
     samples = np.load(tmp_path / "o.npz")["samples"]
     assert samples.dtype == np.uint8 and samples.shape == (2, 28, 28, 1)
-    assert _png(tmp_path / "o.png").shape == (2 + 30, 2 * 30 + 2, 1)  # 28 px cells
+    assert _png(tmp_path / "o.png").shape == (2 + 86, 2 * 86 + 2, 1)  # 28 px shown at 84

@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from ncsn_tf import presets
-from ncsn_tf.sampling import (DIAGNOSTICS, AnnealedLangevin, save_image_grid, to_uint8,
+from ncsn_tf.sampling import (DIAGNOSTICS, AnnealedLangevin,
                               write_diagnostics)
 
 
@@ -335,25 +335,6 @@ def test_from_config():
                                            clip=False)
     assert (sampler.shape, sampler.n_steps_each, sampler.step_lr, sampler.denoise,
             sampler.clip) == ((32, 32, 3), 2, 1e-5, False, False)
-
-
-def test_to_uint8_rounds_and_clips():
-    values = np.array([-0.1, 0.0, 0.5, 1 / 255 * 0.49, 1 / 255 * 0.51, 0.999, 1.0, 1.2])
-    np.testing.assert_array_equal(to_uint8(values).numpy(), [0, 0, 128, 0, 1, 255, 255, 255])
-
-
-def test_save_image_grid_layout(tmp_path):
-    images = np.stack([np.full((3, 2, 3), (i + 1) / 7, np.float32) for i in range(5)])
-    path = str(tmp_path / "grid.png")
-    save_image_grid(images, path, ncol=3, padding=2)
-    grid = tf.io.decode_png(tf.io.read_file(path)).numpy()
-    assert grid.shape == (2 * (3 + 2) + 2, 3 * (2 + 2) + 2, 3)
-    for i in range(6):
-        row, col = divmod(i, 3)
-        tile = grid[2 + row * 5: 5 + row * 5, 2 + col * 4: 4 + col * 4]
-        expected = round((i + 1) / 7 * 255) if i < 5 else 0  # the 6th cell is empty
-        assert np.all(tile == expected), i
-    assert np.all(grid[:2] == 0) and np.all(grid[:, :2] == 0)  # padding
 
 
 def test_write_diagnostics(tmp_path):

@@ -241,6 +241,42 @@ def test_fp16_uses_loss_scaling_and_reports_the_unscaled_gradient_norm():
     np.testing.assert_allclose(logs["loss"][0], reference["loss"][0], rtol=0.05)
     np.testing.assert_allclose(logs["grad_norm"][0], reference["grad_norm"][0], rtol=0.05)
     assert not np.allclose(numpy_weights(model.net)[1], before[1])
+    # A skipped step leaves the EMA alone too (it now differs from the live weights, so an
+    # EMA update would move it).
+    live, ema = numpy_weights(model.net), numpy_weights(model.ema_net)
+    assert not np.allclose(live[1], ema[1])
+    model.optimizer.dynamic_scale.assign(2.0 ** 15)
+    logs = train(model, x)
+    assert logs["grad_norm"][0] == 0.0  # skipped
+    assert_weights_close(numpy_weights(model.net), live)
+    assert_weights_close(numpy_weights(model.ema_net), ema)
+    assert int(model.step.numpy()) == 2
+
+
+def test_held_out_loss_is_exact_and_the_same_for_every_checkpoint():
+    """`evaluate` over batches of 8, 8 and 3 gives the exact mean of the NumPy DSM loss over
+    all 19 examples, under draws keyed by the batch alone: evaluating weights in any order, or
+    twice, gives the same numbers (the training step does not enter)."""
+    x = images(19, seed=4)
+    data = tf.data.Dataset.from_tensor_slices(x).batch(8)
+    model = tiny_model(tiny_config())
+    expected = []
+    for k, start in enumerate((0, 8, 16)):
+        batch = x[start:start + 8]
+        labels, noise = draw_perturbation(model._seed(score_model._TEST_STREAM, k), batch.shape,
+                                          LEVELS)
+        expected.append(numpy_dsm(model.ema_net, batch, labels.numpy(), noise.numpy()))
+    exact = np.concatenate(expected).mean()
+    first = model.evaluate(data, verbose=0, return_dict=True)["loss"]
+    np.testing.assert_allclose(first, exact, rtol=1e-5)
+    assert abs(first - np.mean([e.mean() for e in expected])) > 1e-4 * exact  # tells them apart
+    initial = numpy_weights(model.ema_net)
+    train(model, tf.data.Dataset.from_tensors(images(8, seed=9)).repeat(3))
+    trained = model.evaluate(data, verbose=0, return_dict=True)["loss"]
+    for w, value in zip(model.ema_net.weights, initial):
+        w.assign(value)
+    assert model.evaluate(data, verbose=0, return_dict=True)["loss"] == first
+    assert trained != first
 
 
 def test_real_network_trains():

@@ -4,6 +4,7 @@ Runs use tiny networks (ngf 8, 10 noise levels, batch 8). Most call `ncsn_tf.tra
 this process; the kill tests need real subprocesses (SIGKILL cannot be survived in-process).
 """
 import csv
+import logging
 import glob
 import os
 import signal
@@ -111,6 +112,9 @@ def test_tfds_run_writes_checkpoints_samples_tensorboard_and_test_sweep(tmp_path
             "ckpt-4.index", "ckpt-5.index", "ckpt-6.index"]
         assert sorted(p.name for p in (ckpt_dir / "kept").glob("ckpt-*.index")) == [
             "ckpt-3.index", "ckpt-6.index"]
+        # ...and the EMA weights of every snapshot, for checkpoint sweeps.
+        assert sorted(p.name for p in (ckpt_dir / "ema").glob("ckpt-*.index")) == [
+            f"ckpt-{s}.index" for s in range(1, 7)]
         net, config, step = checkpoints.load(str(workdir))
         assert step == 6 and config == checkpoints.read_config(str(workdir))
         fields = {**TINY, **common}
@@ -118,17 +122,17 @@ def test_tfds_run_writes_checkpoints_samples_tensorboard_and_test_sweep(tmp_path
             k: v for k, v in fields.items() if k in config_flags.config_fields()})
         assert all(np.isfinite(w.numpy()).all() for w in net.weights)
 
-        # A 2x2 grid of 32 px samples with 2 px padding at every snapshot.
+        # A 2x2 grid of 32 px samples, shown at 64 px, with 2 px padding at every snapshot.
         for s in range(1, 7):
             grid = tf.io.decode_png((workdir / "samples" / f"samples_{s}.png").read_bytes())
-            assert grid.shape == (2 + 2 * 34, 2 + 2 * 34, 3)
+            assert grid.shape == (2 + 2 * 66, 2 + 2 * 66, 3)
         assert (workdir / "samples" / "training_inputs.png").exists()
 
         events = read_events(workdir / "tensorboard" / "train")
         for tag in ("loss", "grad_norm", "learning_rate", "images_per_second",
                     *(f"loss_bucket_{k}" for k in range(4))):
             assert set(events[tag]) >= {2, 4, 6}, tag
-        assert set(events["loss"]) == {2, 3, 4, 6}  # every log_freq and every test_freq step
+        assert set(events["loss"]) == {2, 4, 6}  # every log_freq step
         assert set(events["test_loss"]) == {3, 6}
         assert "test_loss_bucket_0" in events
         assert events["learning_rate"][2] == pytest.approx(1e-4)  # the cifar10 preset's lr
@@ -141,7 +145,7 @@ def test_tfds_run_writes_checkpoints_samples_tensorboard_and_test_sweep(tmp_path
             k: v for k, v in common.items() if k not in ("dataset", "workdir")}) == 0
     with open(workdir / "test_losses.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["step"]) for r in rows] == [3, 4, 5, 6]
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]  # EMA snapshots included
     assert all(np.isfinite(float(r["test_loss"])) and float(r["test_loss"]) > 0 for r in rows)
     assert set(rows[0]) == {"step", "test_loss", *(f"loss_bucket_{k}" for k in range(4))}
     sweep = read_events(workdir / "tensorboard" / "test")
@@ -324,3 +328,46 @@ def test_killed_and_preempted_runs_resume_and_continue_the_loss_curve(tmp_path):
     after = np.mean(list(runs[2]["loss"].values()))
     assert after < 0.6 * start, (start, before, after)
     assert after < 1.5 * before, (start, before, after)
+
+
+def test_resume_a_converted_official_checkpoint_and_fine_tune_from_it(tmp_path, caplog):
+    """The issue's reproduction: a workdir written by ncsn_tf.convert (no optimizer state)
+    resumes at its step with a fresh Adam; --init_from starts a new run at step 0 from its
+    live and EMA weights; another architecture is refused with the differing settings."""
+    pytest.importorskip("torch")
+    from ncsn_tf import convert
+    fixture = REPO / "tests" / "fixtures" / "ncsnv2_reference"
+    converted = tmp_path / "conv28"
+    convert.convert(str(fixture / "ncsnv2_28.pth"), str(fixture / "ncsnv2_28.yml"),
+                    str(converted))  # the fixture was saved at step 1000
+    digits28 = dict(dataset="digits", image_size=28, channels=1, batch_size=8, log_freq=1,
+                    test_freq=0, snapshot_sampling=False, snapshot_freq=1000)
+    argv = [f"--config={converted / 'config.yaml'}", f"--workdir={converted}",
+            "--n_iters=1002", "--allow_config_change",
+            *(f"--{k}={v}" if not isinstance(v, bool) else f"--no{k}"
+              for k, v in digits28.items())]
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        assert train.main(["ncsn_tf.train"], _parse(argv)) == 0
+    assert "holds no optimizer state" in caplog.text and "Adam starts fresh" in caplog.text
+    _, _, step = checkpoints.load(str(converted))
+    assert step == 1002
+
+    source_live, _, _ = checkpoints.load(str(converted / "checkpoints" / "ckpt-1000"), ema=False)
+    source_ema, _, _ = checkpoints.load(str(converted / "checkpoints" / "ckpt-1000"))
+    config = presets.override(presets.get("digits"), image_size=28, channels=1, ngf=8,
+                              num_scales=12)
+    model = training.ScoreModel(config)
+    assert training.initialize_from(model, config, str(converted / "checkpoints" /
+                                                       "ckpt-1000")) == 1000
+    for mine, theirs in ((model.net, source_live), (model.ema_net, source_ema)):
+        for a, b in zip(mine.trainable_weights, theirs.trainable_weights):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert model.net.sigmas.shape == (12,)  # this run's noise levels, not the source's 10
+
+    fine_tuned = tmp_path / "fine_tuned"
+    assert run_cli(**digits28, ngf=8, num_scales=12, n_iters=2, workdir=fine_tuned,
+                   init_from=converted) == 0
+    _, tuned_config, step = checkpoints.load(str(fine_tuned))
+    assert step == 2 and tuned_config.model.num_scales == 12
+    with pytest.raises(SystemExit, match=r"another architecture \(ngf: 8 there, 4 here\)"):
+        run_cli(**digits28, ngf=4, n_iters=2, workdir=tmp_path / "other", init_from=converted)

@@ -65,14 +65,26 @@ def elu(x: tf.Tensor) -> tf.Tensor:
     return tf.nn.elu(x)
 
 
+def _uniform(bound: float) -> keras.initializers.Initializer:
+    """U(±bound) with a seed of its own. A Keras 3 initializer object draws from one fixed seed,
+    so one object shared by two weights would give them the same numbers (a bias equal to the
+    first kernel row): every weight gets a fresh initializer."""
+    return keras.initializers.RandomUniform(-bound, bound)
+
+
+def _near_one() -> keras.initializers.Initializer:
+    """N(1, 0.02) with a seed of its own (see `_uniform`), as `normal_(1, 0.02)` in PyTorch."""
+    return keras.initializers.RandomNormal(mean=1.0, stddev=0.02)
+
+
 def conv2d(in_channels: int, filters: int, kernel_size: int = 3, dilation: int = 1,
            use_bias: bool = True, dtype=None) -> keras.layers.Conv2D:
-    """A stride-1 "same" convolution initialised like `torch.nn.Conv2d` (U(±1/√fan_in)), its
-    weights created right away."""
+    """A stride-1 "same" convolution initialised like `torch.nn.Conv2d` (kernel and bias drawn
+    independently from U(±1/√fan_in)), its weights created right away."""
     bound = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
-    init = keras.initializers.RandomUniform(-bound, bound)
     conv = Conv2D(filters, kernel_size, padding="same", dilation_rate=dilation,
-                  use_bias=use_bias, kernel_initializer=init, bias_initializer=init, dtype=dtype)
+                  use_bias=use_bias, kernel_initializer=_uniform(bound),
+                  bias_initializer=_uniform(bound), dtype=dtype)
     conv.build((None, None, None, in_channels))
     return conv
 
@@ -94,11 +106,10 @@ class InstanceNormPlus(keras.layers.Layer):
         if channels < 2:
             raise ValueError(f"InstanceNorm++ needs at least 2 channels, got {channels}")
         self.elu = elu
-        near_one = keras.initializers.RandomNormal(mean=1.0, stddev=0.02)
         # autocast=False: the affine weights stay float32 like the statistics.
-        self.alpha = self.add_weight(name="alpha", shape=(channels,), initializer=near_one,
+        self.alpha = self.add_weight(name="alpha", shape=(channels,), initializer=_near_one(),
                                      autocast=False)
-        self.gamma = self.add_weight(name="gamma", shape=(channels,), initializer=near_one,
+        self.gamma = self.add_weight(name="gamma", shape=(channels,), initializer=_near_one(),
                                      autocast=False)
         self.beta = self.add_weight(name="beta", shape=(channels,), initializer="zeros",
                                     autocast=False)
