@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from ncsn_tf import images as image_io, sampling
+from ncsn_tf import images as image_io, progress, sampling
 
 
 class NonFiniteLossError(RuntimeError):
@@ -131,16 +131,8 @@ class ProgressLogger(keras.callbacks.Callback):
                           if k not in ("loss",) and not k.startswith("loss_bucket"))
         logging.info("step %d/%d (%.1f%%)  loss %.4f  %s  %s img/s  ETA %s", step, self.n_iters,
                      100.0 * step / self.n_iters, logs.get("loss", float("nan")), extra,
-                     f"{images_per_second:,.0f}" if self._steps else "-", _duration(eta))
+                     f"{images_per_second:,.0f}" if self._steps else "-", progress.duration(eta))
         self._busy, self._steps = 0.0, 0
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
 
 
 class HeldOutLoss(keras.callbacks.Callback):

@@ -151,14 +151,14 @@ class ServingModule(tf.Module):
                                   tf.TensorSpec([None], tf.int64, name="seed")])
     def inpaint(self, image, mask, seed):
         image = self._check_images(image, "image")
-        image = _checked(image, tf.reduce_all((image >= 0.0) & (image <= 1.0)),
+        image = _check_request(image, tf.reduce_all((image >= 0.0) & (image <= 1.0)),
                          "image values must be in [0, 1] (float32; divide uint8 pixels by 255)")
         n = tf.shape(image)[0]
-        seed = _checked(seed, tf.size(seed) == n,
+        seed = _check_request(seed, tf.size(seed) == n,
                         "inpaint needs one seed per image; got seeds, images:", tf.size(seed), n)
         h, w, c = self.image_shape
         mask_shape = tf.shape(mask)
-        mask = _checked(mask, tf.reduce_all(mask_shape[:3] == tf.stack([n, h, w]))
+        mask = _check_request(mask, tf.reduce_all(mask_shape[:3] == tf.stack([n, h, w]))
                         & ((mask_shape[3] == 1) | (mask_shape[3] == c)),
                         f"mask must have shape [N, {h}, {w}, 1] or [N, {h}, {w}, {c}] for N "
                         "images; got shape", mask_shape)
@@ -172,7 +172,7 @@ class ServingModule(tf.Module):
     def score(self, x, noise_level):
         x = self._check_images(x, "x")
         n = tf.shape(x)[0]
-        noise_level = _checked(
+        noise_level = _check_request(
             noise_level, (tf.size(noise_level) == n)
             & tf.reduce_all((noise_level >= 0) & (noise_level < self.num_levels)),
             f"noise_level must hold one index in [0, {self.num_levels}) per image; got",
@@ -184,14 +184,14 @@ class ServingModule(tf.Module):
     def _check_seeds(self, seed):
         limit = self.settings.max_batch
         n = tf.size(seed)
-        return _checked(seed, (n >= 1) & (n <= limit),
+        return _check_request(seed, (n >= 1) & (n <= limit),
                         f"seed must hold 1 to {limit} seeds (one image per seed); got", n)
 
     def _check_settings(self, n_steps_each, step_lr):
         limit = self.settings.max_n_steps_each
-        n_steps_each = _checked(n_steps_each, (n_steps_each >= 1) & (n_steps_each <= limit),
+        n_steps_each = _check_request(n_steps_each, (n_steps_each >= 1) & (n_steps_each <= limit),
                                 f"n_steps_each must be in [1, {limit}]; got", n_steps_each)
-        step_lr = _checked(step_lr, (step_lr > 0.0) & (step_lr <= self.max_step_lr),
+        step_lr = _check_request(step_lr, (step_lr > 0.0) & (step_lr <= self.max_step_lr),
                            f"step_lr must be in (0, {self.max_step_lr:g}] (sigma_L^2: larger "
                            "steps diverge at the last noise level); got", step_lr)
         return n_steps_each, step_lr
@@ -200,7 +200,7 @@ class ServingModule(tf.Module):
         h, w, c = self.image_shape
         limit = self.settings.max_batch
         shape = tf.shape(images)
-        images = _checked(images, tf.reduce_all(shape[1:] == [h, w, c])
+        images = _check_request(images, tf.reduce_all(shape[1:] == [h, w, c])
                           & (shape[0] >= 1) & (shape[0] <= limit),
                           f"{name} must have shape [N, {h}, {w}, {c}] with 1 <= N <= {limit}; "
                           "got shape", shape)
@@ -210,7 +210,7 @@ class ServingModule(tf.Module):
         return {name: getattr(self, name).get_concrete_function() for name in SIGNATURES}
 
 
-def _checked(value, condition, message: str, *data):
+def _check_request(value, condition, message: str, *data):
     """`value`, after an in-graph check that fails with InvalidArgument(message, data)."""
     with tf.control_dependencies([tf.debugging.Assert(condition, [message, *data],
                                                       summarize=16)]):

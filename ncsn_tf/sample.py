@@ -24,13 +24,12 @@ import io
 import math
 import os
 import sys
-import time
 
 import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-from ncsn_tf import data, images, presets, sampling
+from ncsn_tf import data, images, presets, progress, sampling
 from ncsn_tf import flags as config_flags
 
 NAMED_MASKS = ("right_half", "bottom_half", "center")
@@ -70,41 +69,28 @@ class Progress:
 
     def __init__(self, num_images: int, num_levels: int, num_batches: int, stream=None):
         self.stream = stream or sys.stderr
-        self.num_images, self.num_levels, self.num_batches = num_images, num_levels, num_batches
-        self.images_done = 0.0  # finished images, counting a level as 1/L of an image
-        self.batch, self.batch_levels = 0, 0
-        self.start = self.last_print = time.monotonic()
+        self.num_levels, self.num_batches = num_levels, num_batches
         self.interactive = self.stream.isatty()
+        # Images done, counting a level as 1/L of an image.
+        self.progress = progress.Progress(num_images, every_s=0 if self.interactive else 10)
+        self.batch, self.batch_levels = 0, 0
 
     def update(self, batch: int, levels_done: int, batch_images: int) -> None:
         """Batch `batch` (0-based, of `batch_images` images) has run `levels_done` levels."""
         if batch != self.batch:
             self.batch, self.batch_levels = batch, 0
-        self.images_done += batch_images * (levels_done - self.batch_levels) / self.num_levels
+        self.progress.advance(batch_images * (levels_done - self.batch_levels) / self.num_levels)
         self.batch_levels = levels_done
-        now = time.monotonic()
-        finished = self.images_done >= self.num_images - 1e-6
-        if not (self.interactive or finished or now - self.last_print >= 10):
+        if not self.progress.due():
             return
-        self.last_print = now
-        elapsed = now - self.start
-        rate = self.images_done / elapsed if elapsed > 0 else 0.0
-        eta = (self.num_images - self.images_done) / rate if rate > 0 else float("nan")
         width = 24
         filled = round(width * levels_done / self.num_levels)
         line = (f"batch {batch + 1}/{self.num_batches} ({batch_images} images)  levels "
                 f"{levels_done}/{self.num_levels} [{'=' * filled}{' ' * (width - filled)}]  "
-                f"{rate:.2f} images/s  ETA {_duration(eta)}")
-        end = "\n" if finished or not self.interactive else ""
+                f"{self.progress.rate:.2f} images/s  ETA {progress.duration(self.progress.eta)}")
+        end = "\n" if self.progress.finished or not self.interactive else ""
         self.stream.write(("\r" if self.interactive else "") + line + end)
         self.stream.flush()
-
-
-def _duration(seconds: float) -> str:
-    if math.isnan(seconds):
-        return "?"
-    seconds = round(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 # ---- sampling ----
@@ -274,7 +260,7 @@ def _sample(f) -> None:
                  "batch(es)", n * k, step, levels, config.sampling.n_steps_each,
                  config.sampling.step_lr, config.sampling.denoise, len(batches))
     writer = tf.summary.create_file_writer(f.diagnostics_dir) if f.diagnostics_dir else None
-    progress = Progress(n * k, levels, len(batches))
+    bar = Progress(n * k, levels, len(batches))
     seeds = np.arange(f.seed, f.seed + n, dtype=np.int64)
     samples, trajectories = [], []
     for b, (lo, hi) in enumerate(batches):
@@ -282,13 +268,13 @@ def _sample(f) -> None:
         batch_starts = None if starts is None else starts[lo:hi]
         if f.interpolate:
             out = interpolate(sampler, batch_seeds, batch_seeds + n, k, batch_starts)
-            progress.update(b, levels, (hi - lo) * k)
+            bar.update(b, levels, (hi - lo) * k)
         else:
             batch_image = None if image is None else np.repeat(image[None], hi - lo, axis=0)
             out = run_in_chunks(
                 sampler, batch_seeds, data=batch_starts, image=batch_image, mask=mask,
                 levels_per_call=levels_per_call,
-                on_chunk=lambda done, b=b, m=hi - lo: progress.update(b, done, m))
+                on_chunk=lambda done, b=b, m=hi - lo: bar.update(b, done, m))
         samples.append(images.to_uint8(out["samples"]).numpy())
         if "trajectory" in out:
             trajectories.append(out["trajectory"])

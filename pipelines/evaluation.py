@@ -38,7 +38,7 @@ def evaluate(model_dir: str, examples_dir: str, out_dir: str, *, feature_network
     random-test, ...); its name goes into the metrics. Returns the metrics.
     """
     from ncsn_tf import data, images, inception, metrics
-    from ncsn_tf import evaluate as fid
+    from ncsn_tf import evaluation as fid
 
     if num_samples < 2:
         raise ValueError(f"num_samples must be >= 2 for a covariance, got {num_samples}")

@@ -14,7 +14,8 @@ import tensorflow as tf
 from absl import app as absl_app
 from absl import flags as absl_flags
 
-from ncsn_tf import checkpoints, evaluate, export, inception, metrics, models, presets, sampling
+from ncsn_tf import checkpoints, evaluate, evaluation, export, inception, metrics, models, presets
+from ncsn_tf import sampling
 from ncsn_tf import images as image_io
 
 UNREACHABLE = "http://127.0.0.1:1/unreachable"  # connection refused at once, even when online
@@ -39,7 +40,7 @@ def net():
 
 @pytest.fixture(scope="module")
 def reference(net):
-    mu, sigma, count = evaluate.dataset_statistics(smooth_images(400, seed=1), net)
+    mu, sigma, count = evaluation.dataset_statistics(smooth_images(400, seed=1), net)
     assert count == 400
     return mu, sigma
 
@@ -145,7 +146,7 @@ def test_keras_inception_loads_a_weights_file_and_returns_pool_and_logits(tmp_pa
 # --- FID / IS ---------------------------------------------------------------------------------
 
 def test_fid_grows_with_the_distribution_shift(net, reference):
-    fids = [evaluate.compute_fid_is(smooth_images(400, shift, seed=2), net, reference)["fid"]
+    fids = [evaluation.compute_fid_is(smooth_images(400, shift, seed=2), net, reference)["fid"]
             for shift in (0.0, 0.05, 0.1, 0.2, 0.4)]
     assert fids[0] < 0.1 * fids[2]
     assert all(a < b for a, b in zip(fids, fids[1:])), fids
@@ -153,7 +154,7 @@ def test_fid_grows_with_the_distribution_shift(net, reference):
 
 def test_inception_score_of_random_network_matches_its_logits(net, reference):
     images = smooth_images(100, seed=3)
-    result = evaluate.compute_fid_is(images, net, reference, batch_size=30)
+    result = evaluation.compute_fid_is(images, net, reference, batch_size=30)
     expected = metrics.inception_score(net(images)[1], splits=10)
     assert 1.0 <= result["inception_score"] <= 10.0
     assert result["inception_score"] == pytest.approx(expected[0], rel=1e-6)
@@ -177,7 +178,7 @@ def test_every_sample_source_gives_the_same_scores(net, reference, tmp_path):
 
     sources = [images, str(tmp_path / "nhwc.npz"), str(tmp_path / "nchw.npz"), str(folder),
                tf.data.Dataset.from_tensor_slices((images, np.zeros(60))).batch(16), generator()]
-    results = [evaluate.compute_fid_is(s, net, reference, batch_size=20, splits=5) for s in sources]
+    results = [evaluation.compute_fid_is(s, net, reference, batch_size=20, splits=5) for s in sources]
     for result in results[1:]:
         assert result["num_images"] == 60
         assert result["fid"] == pytest.approx(results[0]["fid"], rel=1e-6)
@@ -188,27 +189,27 @@ def test_a_folder_of_images_of_different_sizes_is_refused(net, reference, tmp_pa
     tf.io.write_file(str(tmp_path / "a.png"), tf.io.encode_png(np.zeros((8, 8, 3), np.uint8)))
     tf.io.write_file(str(tmp_path / "b.png"), tf.io.encode_png(np.zeros((9, 8, 3), np.uint8)))
     with pytest.raises(tf.errors.InvalidArgumentError, match="differ in size"):
-        evaluate.compute_fid_is(str(tmp_path), net, reference)
+        evaluation.compute_fid_is(str(tmp_path), net, reference)
 
 
 def test_max_images_and_reference_statistics_by_path(net, reference, tmp_path):
     path = str(tmp_path / "ref.npz")
     metrics.save_statistics(path, *reference, network=net.name, num_images=400)
     images = smooth_images(50, seed=5)
-    limited = evaluate.compute_fid_is(images, net, path, batch_size=16, max_images=30)
-    direct = evaluate.compute_fid_is(images[:30], net, reference)
+    limited = evaluation.compute_fid_is(images, net, path, batch_size=16, max_images=30)
+    direct = evaluation.compute_fid_is(images[:30], net, reference)
     assert limited["num_images"] == 30 and limited["reference"] == path
     assert limited["fid"] == pytest.approx(direct["fid"], rel=1e-6)
     metrics.save_statistics(path, *reference, network="another network", num_images=400)
     with pytest.raises(ValueError, match="another network"):
-        evaluate.compute_fid_is(images, net, path)
+        evaluation.compute_fid_is(images, net, path)
 
 
 def test_an_endless_dataset_needs_max_images(net, reference):
     endless = tf.data.Dataset.from_tensor_slices(smooth_images(8)).batch(4).repeat()
     with pytest.raises(ValueError, match="max_images"):
-        evaluate.compute_fid_is(endless, net, reference)
-    assert evaluate.compute_fid_is(endless, net, reference, max_images=20,
+        evaluation.compute_fid_is(endless, net, reference)
+    assert evaluation.compute_fid_is(endless, net, reference, max_images=20,
                                    splits=2)["num_images"] == 20
 
 
@@ -226,18 +227,18 @@ def test_reference_statistics_are_computed_once_then_read_from_the_cache(net, mo
     config = presets.get("cifar10")
     cache = str(tmp_path / "stats" / "cifar10_train.npz")
 
-    mu, sigma = evaluate.reference_statistics(config, net, cache, batch_size=32)
+    mu, sigma = evaluation.reference_statistics(config, net, cache, batch_size=32)
     assert calls == [("cifar10", "train", False, 32)]
     expected_mu, expected_sigma = metrics.statistics(net(images)[0])
     np.testing.assert_allclose(mu, expected_mu, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(sigma, expected_sigma, rtol=1e-5, atol=1e-9)
 
-    cached_mu, cached_sigma = evaluate.reference_statistics(config, net, cache, batch_size=32)
+    cached_mu, cached_sigma = evaluation.reference_statistics(config, net, cache, batch_size=32)
     assert len(calls) == 1  # read from the cache, the dataset is not touched again
     np.testing.assert_array_equal(cached_mu, mu)
     np.testing.assert_array_equal(cached_sigma, sigma)
     with pytest.raises(ValueError, match="not of"):
-        evaluate.reference_statistics(config, inception.random_test_network(seed=1), cache)
+        evaluation.reference_statistics(config, inception.random_test_network(seed=1), cache)
 
 
 # --- nearest neighbours -----------------------------------------------------------------------
@@ -246,7 +247,7 @@ def test_nearest_neighbors_in_pixels_match_brute_force_across_batches():
     rng = np.random.default_rng(7)
     train = rng.uniform(size=(25, 6, 6, 3)).astype(np.float32)
     samples = np.stack([train[13], np.clip(train[3] + 0.01, 0, 1), rng.uniform(size=(6, 6, 3))])
-    found = evaluate.nearest_neighbors(samples, train, k=4, flip=False, batch_size=7)
+    found = evaluation.nearest_neighbors(samples, train, k=4, flip=False, batch_size=7)
     distances = np.linalg.norm(samples.reshape(3, 1, -1) - train.reshape(1, 25, -1), axis=2)
     expected = np.argsort(distances, axis=1)[:, :4]
     np.testing.assert_array_equal(found.indices, expected)
@@ -260,27 +261,27 @@ def test_nearest_neighbors_in_pixels_match_brute_force_across_batches():
 def test_nearest_neighbors_match_mirrored_samples_only_with_flip():
     train = np.random.default_rng(8).integers(0, 256, size=(12, 5, 5, 1), dtype=np.uint8)
     mirrored = train[[7]][:, :, ::-1]
-    with_flip = evaluate.nearest_neighbors(mirrored, train, k=1, flip=True, batch_size=5)
-    without = evaluate.nearest_neighbors(mirrored, train, k=1, flip=False, batch_size=5)
+    with_flip = evaluation.nearest_neighbors(mirrored, train, k=1, flip=True, batch_size=5)
+    without = evaluation.nearest_neighbors(mirrored, train, k=1, flip=False, batch_size=5)
     assert with_flip.indices[0, 0] == 7 and with_flip.distances[0, 0] == pytest.approx(0, abs=1e-6)
     assert without.distances[0, 0] > 0.1
 
 
 def test_nearest_neighbors_in_feature_space(net):
     train = smooth_images(20, seed=9)
-    found = evaluate.nearest_neighbors(train[[4, 11]], train, k=2, feature_net=net, batch_size=8)
+    found = evaluation.nearest_neighbors(train[[4, 11]], train, k=2, feature_net=net, batch_size=8)
     np.testing.assert_array_equal(found.indices[:, 0], [4, 11])
     np.testing.assert_allclose(found.distances[:, 0], 0.0, atol=1e-3)
     assert found.space == net.name
     with pytest.raises(ValueError, match="at least k"):
-        evaluate.nearest_neighbors(train[:1], train[:3], k=5)
+        evaluation.nearest_neighbors(train[:1], train[:3], k=5)
 
 
 def test_neighbor_grid_png_places_samples_then_neighbours(tmp_path):
     rng = np.random.default_rng(10)
     samples = rng.uniform(size=(2, 4, 5, 3)).astype(np.float32)
     neighbours = rng.uniform(size=(2, 3, 4, 5, 3)).astype(np.float32)
-    grid = evaluate.neighbor_grid(samples, neighbours, padding=1)
+    grid = evaluation.neighbor_grid(samples, neighbours, padding=1)
     # Cells of 4x5 px, 1 px apart; 3 px between the sample column and the neighbours:
     # rows start at y = 1, 6; columns at x = 1 | 9, 15, 21; total 11 x 27 px.
     assert grid.shape == (11, 27, 3)
@@ -316,7 +317,7 @@ def test_cli_computes_reference_statistics_fid_is_and_neighbours(net, tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     with open(report) as f:
         assert json.load(f) == result
-    expected = evaluate.compute_fid_is(samples, net, stats, splits=4)  # refuses another network
+    expected = evaluation.compute_fid_is(samples, net, stats, splits=4)  # refuses another network
     assert result["fid"] == pytest.approx(expected["fid"], rel=1e-6)
     assert result["inception_score"] == pytest.approx(expected["inception_score"], rel=1e-6)
     assert result["network"] == net.name and result["reference"] == stats
@@ -364,7 +365,7 @@ def grey_reference(net, tmp_path_factory):
     """Statistics of 16x16 grey images under the random network, as a file."""
     path = str(tmp_path_factory.mktemp("stats") / "grey.npz")
     images = smooth_images(200, seed=12)[..., :1]
-    mu, sigma, count = evaluate.dataset_statistics(images, net)
+    mu, sigma, count = evaluation.dataset_statistics(images, net)
     metrics.save_statistics(path, mu, sigma, network=net.name, num_images=count)
     return path
 
@@ -399,15 +400,15 @@ def test_fid_of_a_checkpoint_equals_fid_of_its_samples_saved_to_npz(net, tiny_ru
     np.testing.assert_allclose(cached_sigma, sigma, rtol=1e-4, atol=1e-8)
 
     np.savez(tmp_path / "own.npz", samples=expected)
-    own = evaluate.compute_fid_is(str(tmp_path / "own.npz"), net, stats, splits=2)
+    own = evaluation.compute_fid_is(str(tmp_path / "own.npz"), net, stats, splits=2)
     assert result["fid"] == pytest.approx(own["fid"], rel=1e-6)
     assert result["inception_score"] == pytest.approx(own["inception_score"], rel=1e-6)
     assert result["num_images"] == 12 and result["network"] == net.name
     assert result["reference"] == stats
     assert result["model"] == {"source": workdir, "step": 100, "seed": 3, "n_steps_each": 1,
                                "step_lr": TINY.sampling.step_lr, "denoise": False,
-                               "num_scales": 3}
-    neighbours = evaluate.nearest_neighbors(expected[:3], train, 2)
+                               "num_scales": 3, "data_init": False}
+    neighbours = evaluation.nearest_neighbors(expected[:3], train, 2)
     assert result["nearest_neighbors"]["min_distance"] == pytest.approx(
         float(neighbours.distances[:, 0].min()), rel=1e-5)
 
@@ -417,21 +418,21 @@ def test_saved_model_draws_the_checkpoints_samples(net, tiny_run, grey_reference
     settings = export.ServingSettings(n_steps_each=1, step_lr=TINY.sampling.step_lr,
                                       denoise=False, max_batch=4)
     path = export.export(ema_net, TINY, 100, str(tmp_path), "tiny", settings=settings)
-    model = evaluate.load_saved_model(path)
+    model = evaluation.load_saved_model(path)
     kept = []
-    result = evaluate.model_fid_is(model, net, grey_reference, num_samples=9, batch_size=5,
+    result = evaluation.model_fid_is(model, net, grey_reference, num_samples=9, batch_size=5,
                                    seed=3, splits=3, keep=kept)  # calls of 4 + 1, then 4
     expected = draw(np.arange(3, 12))
     np.testing.assert_array_equal(np.concatenate(kept), expected)
     assert result["fid"] == pytest.approx(
-        evaluate.compute_fid_is(expected, net, grey_reference, splits=3)["fid"], rel=1e-6)
+        evaluation.compute_fid_is(expected, net, grey_reference, splits=3)["fid"], rel=1e-6)
     assert result["model"]["step"] == 100 and result["model"]["source"] == path
     # A sampler setting goes through `sample_with_settings`.
-    larger_steps = evaluate.load_saved_model(path, step_lr=4 * TINY.sampling.step_lr)
+    larger_steps = evaluation.load_saved_model(path, step_lr=4 * TINY.sampling.step_lr)
     assert larger_steps.sampler["step_lr"] == pytest.approx(4 * TINY.sampling.step_lr)
     assert not np.array_equal(larger_steps.sample_fn(np.arange(3, 7)), expected[:4])
     with pytest.raises(FileNotFoundError, match="ncsn_tf.export"):
-        evaluate.load_saved_model(str(tmp_path))
+        evaluation.load_saved_model(str(tmp_path))
 
 
 def read_scalars(log_dir):
@@ -459,7 +460,7 @@ def test_fast_fid_sweep_scores_every_checkpoint(net, grey_reference, tmp_path, c
             w.assign(w + 0.3 * rng.normal(size=w.shape).astype(np.float32))
         step_variable.assign(step)
         checkpoints.save(manager, step, keep_every=10)
-        expected[step] = evaluate.compute_fid_is(draw(np.arange(6)), net, grey_reference,
+        expected[step] = evaluation.compute_fid_is(draw(np.arange(6)), net, grey_reference,
                                                  splits=2)
     assert not os.path.exists(os.path.join(workdir, "checkpoints", "ckpt-10.index"))
     assert [s for s, _ in checkpoints.checkpoint_prefixes(workdir, 11, 20)] == [15, 20]
@@ -522,11 +523,11 @@ def test_data_init_starts_each_seed_from_its_held_out_image(tmp_path):
     np.testing.assert_array_equal(starts([5, 197 + 3, 0]), held_out[[5, 3, 0]])
 
     seeds = np.array([0, 5, 200], np.int64)
-    model = evaluate.load_checkpoint_model(workdir, {"data_init": True})
+    model = evaluation.load_checkpoint_model(workdir, {"data_init": True})
     assert model.sampler["data_init"] is True
     sampler = sampling.AnnealedLangevin.from_config(
         lambda x, labels: net(x, labels, training=False), net.sigmas, config)
     expected = image_io.to_uint8(sampler.sample(seeds, held_out[[0, 5, 3]])["samples"]).numpy()
     np.testing.assert_array_equal(model.sample_fn(seeds), expected)
-    from_noise = evaluate.load_checkpoint_model(workdir).sample_fn(seeds)
+    from_noise = evaluation.load_checkpoint_model(workdir).sample_fn(seeds)
     assert not np.array_equal(from_noise, expected)

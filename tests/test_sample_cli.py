@@ -155,7 +155,7 @@ def test_progress_bar_counts_levels_and_images():
     lines = stream.getvalue().split("\r")[1:]
     assert len(lines) == 3
     assert lines[0].startswith("batch 1/2 (3 images)  levels 2/4 [" + "=" * 12 + " " * 12 + "]")
-    assert progress.images_done == pytest.approx(5)
+    assert progress.progress.done == pytest.approx(5)
     assert lines[-1].startswith("batch 2/2 (2 images)  levels 4/4 [" + "=" * 24 + "]")
     assert lines[-1].endswith("ETA 0:00:00\n") and "images/s" in lines[-1]
 

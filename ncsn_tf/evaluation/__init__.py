@@ -1,0 +1,25 @@
+"""Evaluation of generated images: FID, Inception Score, nearest neighbours, checkpoint sweeps.
+
+One module per job, the command line in `ncsn_tf.evaluate`:
+    sources     images from .npz files, folders, arrays, datasets  → NHWC batches
+    fid         features through a FeatureNetwork → reference statistics, FID and IS
+    trained     samples drawn from a checkpoint or a SavedModel, and their FID/IS
+    sweep       fast FID of every checkpoint of a run
+    neighbors   nearest training images of samples, and their grid
+"""
+from ncsn_tf.evaluation.fid import (Statistics, compute_fid_is, dataset_statistics,
+                                    reference_statistics)
+from ncsn_tf.evaluation.neighbors import Neighbors, nearest_neighbors, neighbor_grid
+from ncsn_tf.evaluation.sources import batches_of, image_folder_batches, load_samples, to_nhwc
+from ncsn_tf.evaluation.sweep import SWEEP_CSV, SWEEP_CSV_FIELDS, SWEEP_LOGDIR, fast_fid_sweep
+from ncsn_tf.evaluation.trained import (SampleFn, TrainedModel, checkpoint_sample_fn,
+                                        generate_samples, load_checkpoint_model,
+                                        load_saved_model, model_fid_is, save_samples)
+
+__all__ = [
+    "Neighbors", "SWEEP_CSV", "SWEEP_CSV_FIELDS", "SWEEP_LOGDIR", "SampleFn", "Statistics",
+    "TrainedModel", "batches_of", "checkpoint_sample_fn", "compute_fid_is", "dataset_statistics",
+    "fast_fid_sweep", "generate_samples", "image_folder_batches", "load_checkpoint_model",
+    "load_samples", "load_saved_model", "model_fid_is", "nearest_neighbors", "neighbor_grid",
+    "reference_statistics", "save_samples", "to_nhwc",
+]

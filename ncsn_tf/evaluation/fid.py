@@ -1,0 +1,121 @@
+"""FID and Inception Score: features of image batches streamed through a `FeatureNetwork`,
+dataset reference statistics (cached), and the scores of a set of samples."""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from ncsn_tf import data, metrics, presets
+from ncsn_tf.evaluation.sources import batches_of, images_of
+from ncsn_tf.inception import FeatureNetwork
+from ncsn_tf.progress import Progress, duration
+
+Statistics = tuple[np.ndarray, np.ndarray]
+
+
+def _features(source: Any, feature_net: FeatureNetwork, *, batch_size: int,
+              max_images: int | None, what: str) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """(features, logits) per batch of `source`, stopping after `max_images` images."""
+    batches = batches_of(source, batch_size)
+    if (isinstance(batches, tf.data.Dataset) and max_images is None
+            and batches.cardinality() == tf.data.INFINITE_CARDINALITY):
+        raise ValueError(f"{what}: the dataset repeats forever; pass max_images.")
+    progress = Progress()
+    what = f"{what} through {feature_net.name}"
+    for batch in batches:
+        images = images_of(batch)
+        if max_images is not None:
+            images = images[:max_images - int(progress.done)]
+        if len(images):
+            yield feature_net(images)
+            progress.advance(len(images))
+            log_progress(what, progress)
+        if max_images is not None and progress.done >= max_images:
+            break
+    log_progress(what, progress, final=True)
+
+
+def dataset_statistics(source: Any, feature_net: FeatureNetwork, *, batch_size: int = 250,
+                       max_images: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(mu, sigma, number of images) of the features of all images in `source`, streamed."""
+    accumulator = metrics.StatisticsAccumulator()
+    for features, _ in _features(source, feature_net, batch_size=batch_size,
+                                 max_images=max_images, what="statistics"):
+        accumulator.update(features)
+    mu, sigma = accumulator.result()
+    return mu, sigma, accumulator.count
+
+
+def reference_statistics(config: presets.Config, feature_net: FeatureNetwork,
+                         cache_path: str | None, *, split: str = "train", batch_size: int = 250,
+                         max_images: int | None = None) -> Statistics:
+    """(mu, sigma) of the dataset of `config`, loaded from `cache_path` or computed and saved.
+
+    The cache is trusted as is (delete it to recompute, e.g. after changing `max_images`), but
+    a cache written for another feature network is refused.
+    """
+    if cache_path and tf.io.gfile.exists(cache_path):
+        logging.info("Reference statistics from %s", cache_path)
+        return metrics.load_statistics(cache_path, network=feature_net.name)
+    batches = data.load(config, split, training=False, batch_size=batch_size)
+    mu, sigma, count = dataset_statistics(batches, feature_net, batch_size=batch_size,
+                                          max_images=max_images)
+    if cache_path:
+        metrics.save_statistics(cache_path, mu, sigma, network=feature_net.name, num_images=count)
+        logging.info("Saved reference statistics of %d %s/%s images to %s", count,
+                     config.data.dataset, split, cache_path)
+    return mu, sigma
+
+
+def compute_fid_is(samples: Any, feature_net: FeatureNetwork, ref_stats: Statistics | str, *,
+                   batch_size: int = 250, max_images: int | None = None,
+                   splits: int = 10) -> dict[str, Any]:
+    """FID against `ref_stats` ((mu, sigma) or an `.npz` path) and Inception Score of samples.
+
+    `samples`: anything `batches_of` takes, e.g. an `.npz` path, a folder, an array, a
+    Dataset or a generator of batches (uint8, or float in [0, 1]). The Inception Score is
+    None when the network has no classifier head.
+    """
+    reference = None
+    if isinstance(ref_stats, str):
+        reference = ref_stats
+        ref_stats = metrics.load_statistics(ref_stats, network=feature_net.name)
+    accumulator, all_logits = metrics.StatisticsAccumulator(), []
+    for features, logits in _features(samples, feature_net, batch_size=batch_size,
+                                      max_images=max_images, what="samples"):
+        accumulator.update(features)
+        if logits is not None:
+            all_logits.append(logits)
+    mu, sigma = accumulator.result()
+    if accumulator.count < mu.shape[0]:
+        logging.warning("FID from %d images with %d features is biased upwards (rank-deficient "
+                        "covariance); published FIDs use 50,000 samples.",
+                        accumulator.count, mu.shape[0])
+    result: dict[str, Any] = {
+        "fid": metrics.frechet_distance(mu, sigma, *ref_stats),
+        "inception_score": None,
+        "inception_score_std": None,
+        "num_images": accumulator.count,
+        "splits": splits,
+        "network": feature_net.name,
+    }
+    if reference is not None:
+        result["reference"] = reference
+    if all_logits:
+        result["inception_score"], result["inception_score_std"] = metrics.inception_score(
+            np.concatenate(all_logits), splits=splits)
+    return result
+
+
+def log_progress(what: str, progress: Progress, final: bool = False) -> None:
+    """Logs images done, images/s and (given a total) the time left, when a report is due."""
+    if not progress.due(final):
+        return
+    if progress.total is None:
+        logging.info("%s: %d images, %.1f images/s", what, progress.done, progress.rate)
+    else:
+        logging.info("%s: %d/%d images, %.1f images/s, ETA %s", what, progress.done,
+                     progress.total, progress.rate, duration(progress.eta))
