@@ -77,6 +77,16 @@ HELP: dict[str, str] = {
     "step_lr": "Langevin step size epsilon (Technique 4).",
     "denoise": "Finish sampling with one denoising step x + sigma_L^2 * s(x, sigma_L).",
     "data_init": "Start sampling from perturbed data instead of uniform noise.",
+    "sampler": "Sampling algorithm: ald (annealed Langevin, the paper's; L*T score "
+               "evaluations), cas (consistent annealed sampling), pc (predictor-corrector of "
+               "the VE SDE) or heun (probability-flow ODE, Heun's method). See the README.",
+    "num_steps": "Noise levels of the cas/pc/heun samplers (0: cas L*T, pc L, heun 18); ald "
+                 "always walks the L levels of the table.",
+    "corrector_steps": "pc: Langevin corrector steps per level (NFE = num_steps * (1 + this)).",
+    "snr": "pc: signal-to-noise ratio r of the corrector's step size 2 (r |z| / |score|)^2.",
+    "rho": "heun: spacing of the sigma schedule (7 as Karras et al.; larger = denser near "
+           "sigma_L).",
+    "churn": "heun: stochastic churn S_churn (0: the deterministic ODE).",
 }
 
 # Fields whose values come from a fixed set; the flag rejects anything else at parse time.
@@ -84,6 +94,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "arch": ("auto", "ncsnv2", "ncsnv2_deeper", "ncsnv2_deepest"),
     "sigma_dist": ("geometric", "uniform"),
     "precision": ("fp32", "bf16", "fp16"),
+    "sampler": ("ald", "cas", "pc", "heun"),
 }
 
 # Lower bounds: (bound, inclusive). Checked after all layers are merged (`validate`).
@@ -95,6 +106,8 @@ _MINIMUM: dict[str, tuple[float, bool]] = {
     "batch_size": (1, True), "n_iters": (1, True), "snapshot_freq": (1, True),
     "keep_every": (0, True), "test_freq": (0, True), "log_freq": (1, True),
     "sampling_batch_size": (1, True), "n_steps_each": (1, True), "step_lr": (0, False),
+    "num_steps": (0, True), "corrector_steps": (0, True), "snr": (0, False), "rho": (0, False),
+    "churn": (0, True),
 }
 _BELOW_ONE = ("ema_rate", "beta1", "beta2")
 

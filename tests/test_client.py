@@ -215,8 +215,8 @@ def test_client_cli_writes_a_grid(model, server, tmp_path):
         seed=tf.constant([10, 11, 12, 13], tf.int64))["images"].numpy()
     for i, image in enumerate(images):
         r, c = divmod(i, 2)
-        np.testing.assert_array_equal(grid[2 + 18 * r:18 + 18 * r, 2 + 18 * c:18 + 18 * c],
-                                      image)
+        np.testing.assert_array_equal(
+            grid[2 + 66 * r:66 + 66 * r:4, 2 + 66 * c:66 + 66 * c:4], image)
 
 
 def test_client_with_settings(server):

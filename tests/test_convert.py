@@ -59,6 +59,10 @@ def test_networks_match_official_outputs(case):
     assert _num_params(net) == int(ref["num_params"])
     np.testing.assert_allclose(net.sigmas.numpy(), ref["sigmas"], rtol=1e-6)
     _assert_matches(net, ref, "scores_nchw")
+    # The continuous-σ score at the table's values gives the official scores too.
+    out = net.score(_nhwc(ref["x_nchw"]), ref["sigmas"][ref["labels"]]).numpy()
+    expected = _nhwc(ref["scores_nchw"])
+    assert np.abs(out - expected).max() / np.abs(expected).max() <= 1e-4
 
 
 def test_read_plain_official_config():

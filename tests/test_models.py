@@ -335,3 +335,22 @@ def test_initial_weights_follow_pytorch_defaults_with_independent_draws():
         assert stats.kstest(values, stats.norm(1.0, 0.02).cdf).pvalue > 1e-3
     assert abs(np.corrcoef(alpha, gamma)[0, 1]) < 0.2
     assert all(np.all(n.beta.numpy() == 0) for n in norms)
+
+
+@pytest.mark.parametrize("arch, size", [("ncsnv2", 16), ("ncsnv2_deeper", 16),
+                                        ("ncsnv2_deepest", 16)])
+def test_score_at_continuous_sigma_equals_the_labelled_call(arch, size):
+    """`net.score(x, σ)` at the table's σ values is the labelled call; in between it is the same
+    unconditional output divided by σ (Technique 3), for every architecture."""
+    keras.utils.set_random_seed(1)
+    net = models.build(_tiny_config(arch=arch, image_size=size))
+    x = _rng(3).uniform(size=(4, size, size, 3)).astype(np.float32)
+    labels = np.array([0, 2, 5, 3], np.int32)
+    table = net.sigmas.numpy()
+    np.testing.assert_allclose(net.score(x, table[labels]).numpy(),
+                               net(x, labels, training=False).numpy(), rtol=1e-6, atol=1e-6)
+    between = np.sqrt(table[labels] * table[labels + (labels < 5)])  # geometric midpoints
+    unconditional = net(x, labels, training=False).numpy() * table[labels][:, None, None, None]
+    np.testing.assert_allclose(net.score(x, between).numpy(),
+                               unconditional / between[:, None, None, None], rtol=1e-5,
+                               atol=1e-6)

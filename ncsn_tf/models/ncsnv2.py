@@ -3,7 +3,9 @@
 Usage: `score = net(x, labels)` with `x` in [0, 1], shape [B, H, W, C], and `labels` the integer
 noise-level indices [B]; the score has the shape of `x` and is float32. The network sees 2x - 1
 and follows Technique 3 of the paper: an unconditional RefineNet whose output is divided by
-`sigmas[labels]`, where `sigmas` is a non-trainable weight of the model.
+`sigmas[labels]`, where `sigmas` is a non-trainable weight of the model. Because of that, the
+score is defined at any noise level: `net.score(x, sigma)` takes a float σ per example [B]
+(continuous samplers), and equals `net(x, labels)` at the table's values.
 """
 from __future__ import annotations
 
@@ -79,6 +81,17 @@ class RefineNetScore(keras.Model):
                     "architecture with --arch.")
 
     def call(self, x, labels, training=None):
+        # Divide in float32: with float16 the 1/σ_L amplification could overflow.
+        return self._unconditional(x) / tf.gather(self.sigmas, labels)[:, None, None, None]
+
+    def score(self, x, sigma) -> tf.Tensor:
+        """s(x, σ) = network(2x − 1)/σ at any noise levels `sigma` (float, [B]), float32; the
+        network's inference mode (NCSNv2 has no dropout or batch statistics)."""
+        sigma = tf.cast(tf.convert_to_tensor(sigma), tf.float32)
+        return self._unconditional(x) / sigma[:, None, None, None]
+
+    def _unconditional(self, x) -> tf.Tensor:
+        """The RefineNet's output before the division by σ, float32."""
         self.check_image_size(x.shape[1], x.shape[2])
         h = self.begin_conv(2.0 * tf.cast(x, tf.float32) - 1.0)
         skips = []
@@ -95,9 +108,7 @@ class RefineNetScore(keras.Model):
         for skip, refine in zip(skips[-2::-1], refines[-2::-1]):
             h = refine([skip, h])
         h = self.end_conv(self.normalizer(h))  # norm → ELU → conv
-        # Divide in float32: with float16 the 1/σ_L amplification could overflow.
-        used_sigmas = tf.gather(self.sigmas, labels)
-        return tf.cast(h, tf.float32) / used_sigmas[:, None, None, None]
+        return tf.cast(h, tf.float32)
 
     def get_config(self):
         return {**super().get_config(), "channels": self.channels, "ngf": self.ngf,

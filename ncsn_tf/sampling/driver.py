@@ -1,15 +1,15 @@
-"""Annealed Langevin dynamics (Algorithm 1 of NCSNv2), inpainting and interpolation.
+"""The sampling driver shared by every sampler: seeds, chunks, inpainting masks, interpolation,
+trajectories and diagnostics, around an update rule that a subclass supplies.
 
-`AnnealedLangevin` samples any score function `score_fn(x, labels) -> score`, where `labels`
-are int32 indices into `sigmas`; for a trained network that is
-`lambda x, labels: net(x, labels, training=False)`. Every run is one `tf.function` whose loop
-over noise levels and steps is a `tf.while_loop` in the graph, so the whole sampler exports as a
-single TF Serving signature.
+A sampler is a `Sampler` subclass (ald.py, cas.py, pc.py, heun.py) that says how many noise
+levels it walks, how many steps each level takes, the σ of a level, the initial state, one
+update step and the final step. Every run is one `tf.function` whose loop over levels and steps
+is a `tf.while_loop` in the graph, so a whole sampler exports as a single TF Serving signature.
 
-Randomness comes only from integer seeds, one per image: the noise of image n at Langevin step t
-is `stateless_normal(seed=(seeds[n], counter(t)))`. The same seed and settings therefore give
-bit-identical images, whatever else shares the batch, and a run split into chunks of noise
-levels (`init` → `run_levels` … → `finish`, e.g. behind a progress bar) is bit-identical to the
+Randomness comes only from integer seeds, one per image: the noise of image n at step t is
+`stateless_normal(seed=(seeds[n], counter(t)))`. The same seed and settings therefore give
+bit-identical images, whatever else shares the batch, and a run split into chunks of levels
+(`init` → `run_levels` … → `finish`, e.g. behind a progress bar) is bit-identical to the
 one-graph `sample`.
 """
 from __future__ import annotations
@@ -20,11 +20,12 @@ from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
+# score_fn(x, labels) with int32 level indices, or score_fn(x, sigma) with float σ, per example.
 ScoreFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 
 # Independent random streams per seed: a draw for Langevin step t of stream k uses the
-# stateless seed (seed, t * _NUM_STREAMS + k). The initial state uses step 0 of _INIT.
-_LANGEVIN, _KNOWN, _INIT = 0, 1, 2
+# stateless seed (seed, t * _NUM_STREAMS + k). The initial state uses step 0 of INIT.
+_LANGEVIN, _KNOWN, INIT = 0, 1, 2
 _NUM_STREAMS = 3
 
 _MASK_SHAPES = ("mask must have the image's height and width, and 1 or the image's batch size "
@@ -33,26 +34,29 @@ _MASK_SHAPES = ("mask must have the image's height and width, and 1 or the image
 DIAGNOSTICS = ("level", "step_size", "grad_norm", "image_norm", "snr", "grad_mean_norm")
 
 
-class AnnealedLangevin:
-    """Annealed Langevin dynamics with step size α_i = step_lr·σ_i²/σ_L² and T = n_steps_each.
+class Sampler:
+    """The driver: runs a subclass's update rule over seeds, chunks, masks and interpolations.
 
-    Each step: z ~ N(0, I); x ← x + α_i·s(x, σ_i) + √(2α_i)·z. After the last level an optional
-    denoising step x ← x + σ_L²·s(x, σ_L) and, for images, clipping to [0, 1] (`clip=False` for
-    unbounded data). `shape` is the shape of one example, e.g. (32, 32, 3).
+    `shape` is the shape of one example, e.g. (32, 32, 3). At the end an optional final step
+    (`denoise`, the rule's) and, for images, clipping to [0, 1] (`clip=False` for unbounded
+    data). `sample`, `run_levels`, `inpaint` and `interpolate` return a dict: "samples" and,
+    when asked for at construction, "trajectory" (x after every `trajectory_every`-th global
+    step, [frames, N, ...]) and "diagnostics" (per step: see `DIAGNOSTICS`). Each method traces
+    one graph for all batch sizes; it runs without XLA (as TF Serving needs) unless
+    `jit_compile=True`. XLA has its own stateless generator: under XLA a seed gives other,
+    equally reproducible, noise than without it. XLA cannot record a trajectory.
 
-    `sample`, `run_levels`, `inpaint` and `interpolate` return a dict: "samples" and, when
-    asked for at construction, "trajectory" (x after every `trajectory_every`-th global step,
-    [frames, N, ...]) and "diagnostics" (the official verbose numbers, one per step: see
-    `DIAGNOSTICS`). `n_steps_each` and `step_lr` may be overridden per call (numbers or scalar
-    tensors). Each method traces one graph for all batch sizes; it runs without XLA (as TF
-    Serving needs) unless `jit_compile=True`. XLA has its own stateless generator: under XLA a
-    seed gives other, equally reproducible, noise than without it. XLA cannot record a
-    trajectory.
+    Subclasses set `name` and override the hooks below; `n_steps_each` and `step_lr` are
+    per-call settings that only the Langevin samplers (ald, cas) take.
     """
 
-    def __init__(self, score_fn: ScoreFn, sigmas, shape: Sequence[int], *,
-                 n_steps_each: int = 5, step_lr: float = 6.2e-6, denoise: bool = True,
-                 clip: bool = True, trajectory_every: int = 0, diagnostics: bool = False,
+    name = ""
+    supports_inpainting = True  # the known pixels are re-noised to the level's σ every step
+    supports_interpolation = True  # chains blend the noise of two seeds at every step
+
+    def __init__(self, score_fn, sigmas, shape: Sequence[int], *, n_steps_each: int = 1,
+                 step_lr: float = 1.0, denoise: bool = True, clip: bool = True,
+                 trajectory_every: int = 0, diagnostics: bool = False,
                  jit_compile: bool = False):
         if n_steps_each < 1:
             raise ValueError(f"n_steps_each must be >= 1, got {n_steps_each}")
@@ -77,20 +81,38 @@ class AnnealedLangevin:
         self.jit_compile = jit_compile
         self._functions = {}
 
-    @classmethod
-    def from_config(cls, score_fn: ScoreFn, sigmas, config, **options) -> "AnnealedLangevin":
-        """A sampler with the settings of `config.sampling` and the shape of `config.data`.
-
-        `config.sampling.data_init` is the caller's to apply: pass the data to `sample`.
-        """
-        shape = (config.data.image_size, config.data.image_size, config.data.channels)
-        settings = dict(n_steps_each=config.sampling.n_steps_each,
-                        step_lr=config.sampling.step_lr, denoise=config.sampling.denoise)
-        return cls(score_fn, sigmas, shape, **{**settings, **options})
+    # ---- the update rule: what a subclass defines ----
 
     @property
     def num_levels(self) -> int:
+        """Noise levels walked (the unit of chunks and progress)."""
         return int(self.sigmas.shape[0])
+
+    def nfe(self) -> int:
+        """Score evaluations per image with the construction's settings."""
+        raise NotImplementedError
+
+    def _steps_per_level(self, n_steps_each):
+        """Update steps per level (a scalar tensor)."""
+        return n_steps_each
+
+    def _level_sigma(self, level):
+        """σ of the noise x carries at `level` (float32 scalar tensor)."""
+        return self._sigmas()[level]
+
+    def _prior(self, seeds):
+        """The initial state without data: U[0, 1]^D + σ_1·z, whose noise level is σ_1."""
+        return (per_seed(tf.random.stateless_uniform, seeds, INIT, self.shape)
+                + self._level_sigma(0) * per_seed(tf.random.stateless_normal, seeds, INIT,
+                                                   self.shape, step=1))
+
+    def _update(self, x, level, substep, n_steps_each, step_lr, z):
+        """One step at `level`, `z` ~ N(0, I) its noise: (new x, score used, step size)."""
+        raise NotImplementedError
+
+    def _final(self, x):
+        """The final step when `denoise` (default: none)."""
+        return x
 
     # ---- public API: converts the arguments and calls a graph function ----
 
@@ -122,7 +144,8 @@ class AnnealedLangevin:
                           *_image_and_mask(image, mask))
 
     def inpaint(self, image, mask, seeds, *, n_steps_each=None, step_lr=None) -> dict:
-        """Fill the pixels where `mask` is 0, keeping those where it is 1.
+        """Fill the pixels where `mask` is 0, keeping those where it is 1 (samplers with
+        `supports_inpainting`).
 
         `image` [N, H, W, C] in [0, 1]; `mask` of 0/1 with shape [N, H, W, C] or one that
         broadcasts to it ([H, W, C], [H, W, 1], [N, H, W, 1], ...); one seed per image. At every
@@ -139,6 +162,9 @@ class AnnealedLangevin:
         the noise cos(θ_k)·z_a + sin(θ_k)·z_b with θ_k evenly spaced in [0, π/2], so it stays
         N(0, I) and chain 0 is exactly `sample(seeds_a)`. "samples" is [N, n_interpolations, ...].
         """
+        if not self.supports_interpolation:
+            raise ValueError(f"the {self.name} sampler cannot interpolate: it draws no noise "
+                             "after the first step, so every chain would be the same")
         if n_interpolations < 2:
             raise ValueError(f"n_interpolations must be >= 2, got {n_interpolations}")
         return self._call(functools.partial(self._interpolate_fn, n_interpolations),
@@ -174,16 +200,14 @@ class AnnealedLangevin:
     def _init_fn(self, seeds, data):
         seeds = _check_seeds(seeds)
         if data is None:
-            return _per_seed(tf.random.stateless_uniform, seeds, _INIT, self.shape)
+            return self._prior(seeds)
         data = self._check_examples(data, seeds, "data")
-        return data + self._sigmas()[0] * _per_seed(tf.random.stateless_normal, seeds, _INIT,
-                                                     self.shape)
+        return data + self._level_sigma(0) * per_seed(tf.random.stateless_normal, seeds,
+                                                        INIT, self.shape)
 
     def _finish_fn(self, x, image, mask):
         if self.denoise:
-            sigmas = self._sigmas()
-            last = tf.fill(tf.shape(x)[:1], self.num_levels - 1)
-            x = x + tf.square(sigmas[-1]) * tf.cast(self.score_fn(x, last), x.dtype)
+            x = self._final(x)
         if mask is not None:
             x = tf.where(_check_mask(image, mask) > 0.5, image, x)
         return tf.clip_by_value(x, 0.0, 1.0) if self.clip else x
@@ -206,7 +230,7 @@ class AnnealedLangevin:
             start_level, end_level]))
 
         def draw(step):
-            return _per_seed(tf.random.stateless_normal, seeds, _LANGEVIN, self.shape, step)
+            return per_seed(tf.random.stateless_normal, seeds, _LANGEVIN, self.shape, step)
 
         set_known = None
         if mask is not None:
@@ -216,6 +240,9 @@ class AnnealedLangevin:
         return self._anneal(x, start_level, end_level, n_steps_each, step_lr, draw, set_known)
 
     def _inpaint_fn(self, image, mask, seeds, n_steps_each, step_lr):
+        if not self.supports_inpainting:
+            raise ValueError(f"the {self.name} sampler cannot inpaint: it is deterministic, "
+                             "and inpainting re-noises the known pixels at every step")
         x = self._init_fn(seeds, None)
         out = self._run_levels_fn(x, seeds, 0, self.num_levels, image, mask, n_steps_each,
                                   step_lr)
@@ -234,8 +261,8 @@ class AnnealedLangevin:
         flat = lambda t: tf.reshape(t, tf.concat([[-1], tf.shape(t)[2:]], 0))  # noqa: E731
 
         def draw(step):
-            z_a = _per_seed(tf.random.stateless_normal, seeds_a, _LANGEVIN, self.shape, step)
-            z_b = _per_seed(tf.random.stateless_normal, seeds_b, _LANGEVIN, self.shape, step)
+            z_a = per_seed(tf.random.stateless_normal, seeds_a, _LANGEVIN, self.shape, step)
+            z_b = per_seed(tf.random.stateless_normal, seeds_b, _LANGEVIN, self.shape, step)
             return flat(z_a[:, None] * weights_a + z_b[:, None] * weights_b)
 
         x = tf.repeat(self._init_fn(seeds_a, data), k, axis=0)
@@ -259,14 +286,14 @@ class AnnealedLangevin:
 
     def _anneal(self, x, start_level, end_level, n_steps_each, step_lr, draw_noise,
                 set_known) -> dict:
-        """The Langevin loop over global steps [start_level·T, end_level·T) as a while_loop."""
+        """The loop over global steps [start_level·S, end_level·S) as a while_loop, S steps
+        per level."""
         n_steps_each = _checked(n_steps_each, tf.debugging.assert_greater_equal(
             n_steps_each, 1, message="n_steps_each must be >= 1"))
         step_lr = _checked(step_lr, tf.debugging.assert_greater(
             step_lr, 0.0, message="step_lr must be > 0"))
-        sigmas = self._sigmas()
-        first, last = start_level * n_steps_each, end_level * n_steps_each
-        batch = tf.shape(x)[:1]
+        per_level = self._steps_per_level(n_steps_each)
+        first, last = start_level * per_level, end_level * per_level
         every = self.trajectory_every
         state = {"x": x}
         if every:
@@ -278,14 +305,13 @@ class AnnealedLangevin:
 
         def body(step, state):
             x = state["x"]
-            level = step // n_steps_each
-            sigma = sigmas[level]
-            step_size = step_lr * tf.square(sigma / sigmas[-1])
+            level = step // per_level
+            sigma = self._level_sigma(level)
             if set_known is not None:
                 x = set_known(x, step, sigma)
-            grad = tf.cast(self.score_fn(x, tf.fill(batch, level)), x.dtype)
             z = draw_noise(step)
-            x = x + step_size * grad + tf.sqrt(2.0 * step_size) * z
+            x, grad, step_size = self._update(x, level, step % per_level, n_steps_each,
+                                              step_lr, z)
             new = {"x": x}
             if every:
                 frames = state["frames"]
@@ -294,11 +320,11 @@ class AnnealedLangevin:
                     lambda: frames.write((step + 1) // every - 1 - first // every, x),
                     lambda: frames)
             if self.diagnostics:
-                grad_norm = tf.reduce_mean(_norms(grad))
+                grad_norm = tf.reduce_mean(norms(grad))
                 values = dict(
                     level=level, step_size=step_size, grad_norm=grad_norm,
-                    image_norm=tf.reduce_mean(_norms(x)),
-                    snr=tf.sqrt(step_size / 2.0) * grad_norm / tf.reduce_mean(_norms(z)),
+                    image_norm=tf.reduce_mean(norms(x)),
+                    snr=tf.sqrt(step_size / 2.0) * grad_norm / tf.reduce_mean(norms(z)),
                     grad_mean_norm=tf.reduce_sum(tf.square(tf.reduce_mean(grad, 0)))
                     * tf.square(sigma))
                 new["logs"] = {k: state["logs"][k].write(step - first, values[k])
@@ -358,7 +384,7 @@ def _check_seeds(seeds):
                                      message="seeds must be non-empty: one example per seed"))
 
 
-def _per_seed(distribution, seeds, stream, shape, step=0):
+def per_seed(distribution, seeds, stream, shape, step=0):
     """One draw of `shape` per seed from `distribution`, keyed by (seed, step, stream)."""
     counter = tf.cast(step, tf.int64) * _NUM_STREAMS + stream
     return tf.map_fn(
@@ -368,11 +394,11 @@ def _per_seed(distribution, seeds, stream, shape, step=0):
 
 def _set_known(image, is_known, seeds, shape, x, step, sigma):
     """Inpainting: the known pixels of `x` set to image + σ·z, with fresh noise at every step."""
-    z = _per_seed(tf.random.stateless_normal, seeds, _KNOWN, shape, step)
+    z = per_seed(tf.random.stateless_normal, seeds, _KNOWN, shape, step)
     return tf.where(is_known, image + sigma * z, x)
 
 
-def _norms(t):
+def norms(t):
     """Euclidean norm of each example."""
     return tf.norm(tf.reshape(t, [tf.shape(t)[0], -1]), axis=1)
 

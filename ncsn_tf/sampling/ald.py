@@ -1,0 +1,47 @@
+"""`ald`: annealed Langevin dynamics, Algorithm 1 of NCSNv2 (the official sampler)."""
+from __future__ import annotations
+
+import tensorflow as tf
+
+from ncsn_tf.sampling.driver import INIT, Sampler, per_seed
+
+
+class AnnealedLangevin(Sampler):
+    """T = n_steps_each Langevin steps at each of the L levels of the σ table, step size
+    α_i = ε·σ_i²/σ_L² (ε = step_lr):
+
+        x_0 ~ U[0, 1]^D;  for i = 1..L, T times:  z ~ N(0, I);  x ← x + α_i·s(x, σ_i) + √(2α_i)·z
+
+    then, with `denoise`, x ← x + σ_L²·s(x, σ_L). `score_fn(x, labels)` takes int32 level
+    indices into `sigmas` (for a network: `lambda x, labels: net(x, labels, training=False)`).
+    NFE = L·T (+1 with denoise).
+    """
+
+    name = "ald"
+
+    @classmethod
+    def from_config(cls, score_fn, sigmas, config, **options) -> "AnnealedLangevin":
+        """A sampler with the settings of `config.sampling` and the shape of `config.data`.
+
+        `config.sampling.data_init` is the caller's to apply: pass the data to `sample`.
+        """
+        shape = (config.data.image_size, config.data.image_size, config.data.channels)
+        settings = dict(n_steps_each=config.sampling.n_steps_each,
+                        step_lr=config.sampling.step_lr, denoise=config.sampling.denoise)
+        return cls(score_fn, sigmas, shape, **{**settings, **options})
+
+    def nfe(self) -> int:
+        return self.num_levels * self.n_steps_each + int(self.denoise)
+
+    def _prior(self, seeds):
+        return per_seed(tf.random.stateless_uniform, seeds, INIT, self.shape)
+
+    def _update(self, x, level, substep, n_steps_each, step_lr, z):
+        sigmas = self._sigmas()
+        step_size = step_lr * tf.square(sigmas[level] / sigmas[-1])
+        grad = tf.cast(self.score_fn(x, tf.fill(tf.shape(x)[:1], level)), x.dtype)
+        return x + step_size * grad + tf.sqrt(2.0 * step_size) * z, grad, step_size
+
+    def _final(self, x):
+        last = tf.fill(tf.shape(x)[:1], self.num_levels - 1)
+        return x + tf.square(self._sigmas()[-1]) * tf.cast(self.score_fn(x, last), x.dtype)
