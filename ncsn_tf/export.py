@@ -20,14 +20,17 @@ Signatures, all plain TensorFlow ops (no Python at serving time, no XLA):
     score                 x float32 [N, H, W, C] in [0, 1], noise_level int32 [N] (index into
                           the σ table)                   -> score float32 [N, H, W, C]
 
+`serving_default` runs the sampler chosen at export (`--sampler`: ald, cas, pc or heun, with
+its settings; ald by default), `sample_with_settings` annealed Langevin dynamics with the
+request's T and ε, `inpaint` the chosen sampler (ald when that is heun, which cannot inpaint).
 One image per seed; the same seed gives the same image whatever else is in the request. The
-whole annealed Langevin run is one graph (a `tf.while_loop`). Requests outside the bounds fixed
+whole run is one graph (a `tf.while_loop`). Requests outside the bounds fixed
 at export time (1 to `max_batch` seeds or images, 1 to `max_n_steps_each` steps per level,
 0 < step_lr <= σ_L², images of the model's shape with values in [0, 1], a 0/1 mask) fail with
 InvalidArgument and a message saying what is wrong.
 
-Metadata: `assets.extra/ncsn_metadata.yaml` (training step, checkpoint, sampler settings,
-bounds, signatures and the full training config) and the variable `step` of the loaded object.
+Metadata: `assets.extra/ncsn_metadata.yaml` (training step, checkpoint, sampler name, NFE
+and settings, bounds, signatures and the full training config) and the variable `step` of the loaded object.
 """
 from __future__ import annotations
 
@@ -122,13 +125,23 @@ class ServingModule(tf.Module):
         self._samplers = {
             denoise: sampling.AnnealedLangevin(score_fn, sigma_table, denoise=denoise, **common)
             for denoise in (True, False)}
+        # `serving_default` (and `inpaint`, where it can) runs the configured sampler.
+        self.sampler_name = config.sampling.sampler
+        if self.sampler_name == "ald":
+            self._default = self._samplers[settings.denoise]
+        else:
+            self._default = sampling.for_network(
+                net, presets.override(config, denoise=settings.denoise))
+        self.nfe = self._default.nfe()
+        self._inpainter = (self._default if self._default.supports_inpainting
+                           else self._samplers[settings.denoise])
 
     # ---- signatures ----
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.int64, name="seed")])
     def serving_default(self, seed):
         seed = self._check_seeds(seed)
-        return _image_outputs(self._samplers[self.settings.denoise].sample(seed)["samples"])
+        return _image_outputs(self._default.sample(seed)["samples"])
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.int64, name="seed"),
                                   tf.TensorSpec([], tf.int32, name="n_steps_each"),
@@ -163,8 +176,7 @@ class ServingModule(tf.Module):
                         f"mask must have shape [N, {h}, {w}, 1] or [N, {h}, {w}, {c}] for N "
                         "images; got shape", mask_shape)
         mask = tf.ensure_shape(tf.broadcast_to(mask, tf.shape(image)), [None, h, w, c])
-        return _image_outputs(
-            self._samplers[self.settings.denoise].inpaint(image, mask, seed)["samples"])
+        return _image_outputs(self._inpainter.inpaint(image, mask, seed)["samples"])
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, None], tf.float32,
                                                 name="x"),
@@ -319,8 +331,12 @@ def export(net: keras.Model, config: presets.Config, step: int, base_path: str,
         "checkpoint": checkpoint,
         "image_shape": list(module.image_shape),
         "num_levels": module.num_levels,
-        "sampler": {"n_steps_each": settings.n_steps_each, "step_lr": settings.step_lr,
-                    "denoise": settings.denoise},
+        "sampler": {"name": module.sampler_name, "nfe": module.nfe,
+                    "n_steps_each": settings.n_steps_each, "step_lr": settings.step_lr,
+                    "denoise": settings.denoise,
+                    **({} if module.sampler_name == "ald" else
+                       {"num_steps": sampling.num_steps(config)}),
+                    "inpaint": module._inpainter.name},
         "bounds": {"max_batch": settings.max_batch,
                    "max_n_steps_each": settings.max_n_steps_each,
                    "max_step_lr": module.max_step_lr},
@@ -358,6 +374,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        "Default: from the config.", **fv)
     flags.DEFINE_boolean("denoise", None, "Final denoising step in serving_default and "
                          "inpaint. Default: from the config.", **fv)
+    flags.DEFINE_enum("sampler", None, list(sampling.SAMPLERS), "Sampler of serving_default "
+                      "(and of inpaint, unless it is heun: then ald), fixed at export and "
+                      "recorded in the metadata. Default: from the config (ald).", **fv)
+    flags.DEFINE_integer("num_steps", None, "Noise levels of the cas/pc/heun sampler. "
+                         "Default: from the config (0: the sampler's default).", **fv)
     flags.DEFINE_integer("max_batch", None, "Most seeds (images) one request may ask for. "
                          "Default: the config's sampling_batch_size.", **fv)
     flags.DEFINE_integer("max_n_steps_each", DEFAULT_MAX_N_STEPS_EACH,
@@ -381,8 +402,9 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
             raise app.UsageError("Give exactly one of --workdir and --checkpoint.")
         source = f.workdir or f.checkpoint
         net, config, step = checkpoints.load(source, ema=not f.no_ema, precision=f.precision)
-        if f.data_init is not None:
-            config = presets.override(config, data_init=f.data_init)
+        config = presets.override(config, **{k: f[k].value for k in
+                                             ("data_init", "sampler", "num_steps")
+                                             if f[k].value is not None})
         settings = ServingSettings.from_config(
             config, n_steps_each=f.n_steps_each, step_lr=f.step_lr, denoise=f.denoise,
             max_batch=f.max_batch, max_n_steps_each=f.max_n_steps_each)

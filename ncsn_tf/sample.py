@@ -7,13 +7,18 @@ Image i uses seed `--seed` + i: the same seed and settings give the same image (
 another batch, and as seed `--seed` + i of an exported model's `serving_default`). The run goes
 through the noise levels a chunk at a time, with a progress bar on stderr. Modes:
 
-- default: annealed Langevin dynamics from uniform noise (`--data_init`: from perturbed
-  test images instead);
+- default: the configured sampler (`--sampler`: ald, the paper's annealed Langevin dynamics,
+  or the faster cas, pc, heun; `--num_steps`) from noise (`--data_init`: from perturbed test
+  images instead); the number of score evaluations per image (NFE) is printed first;
 - `--inpaint=IMAGE --mask=MASK`: completes one image `--num_samples` times; MASK is an image
   file whose white pixels (>= 128) are kept and black ones filled in, or one of `right_half`,
   `bottom_half`, `center`;
 - `--interpolate`: `--num_samples` rows of `--n_interpolations` images blending the noise of
-  seeds `--seed` + r and `--seed` + num_samples + r.
+  seeds `--seed` + r and `--seed` + num_samples + r. It follows `--denoise` as sampling does
+  (default on); the official interpolation never denoises: pass `--nodenoise` to match it.
+  Images are clipped to [0, 1] (the official code clamps when it saves its PNG).
+
+Inpainting and interpolation work with ald, cas and pc; heun (deterministic) refuses them.
 
 `--npz` saves the images as uint8 [N, H, W, C] under `samples` (the input of
 `python -m ncsn_tf.evaluate`), with their `seeds`.
@@ -27,13 +32,14 @@ import sys
 
 import numpy as np
 import tensorflow as tf
-from absl import app, flags, logging
+from absl import app, flags
 
 from ncsn_tf import data, images, presets, progress, sampling
 from ncsn_tf import flags as config_flags
 
 NAMED_MASKS = ("right_half", "bottom_half", "center")
-_SAMPLER_FIELDS = ("n_steps_each", "step_lr", "denoise", "sampling_batch_size")
+_SAMPLER_FIELDS = ("sampler", "num_steps", "n_steps_each", "step_lr", "denoise",
+                   "sampling_batch_size", "corrector_steps", "snr", "rho", "churn")
 _TRAJECTORY_COLUMNS = 8  # images shown per frame in the trajectory PNG
 
 
@@ -95,7 +101,7 @@ class Progress:
 
 # ---- sampling ----
 
-def run_in_chunks(sampler: sampling.AnnealedLangevin, seeds, *, data=None, image=None,
+def run_in_chunks(sampler: sampling.Sampler, seeds, *, data=None, image=None,
                   mask=None, levels_per_call: int = 1, on_chunk=None) -> dict:
     """`sampler.sample` (`.inpaint` given `image` and `mask`), `levels_per_call` noise levels
     per graph call, calling `on_chunk(levels_done)` after each; the samples are identical to
@@ -121,7 +127,7 @@ def run_in_chunks(sampler: sampling.AnnealedLangevin, seeds, *, data=None, image
     return result
 
 
-def interpolate(sampler: sampling.AnnealedLangevin, seeds_a, seeds_b, n_interpolations: int,
+def interpolate(sampler: sampling.Sampler, seeds_a, seeds_b, n_interpolations: int,
                 data=None) -> dict:
     """`sampler.interpolate` in one graph call, with its rows flattened: "samples"
     [rows · n_interpolations, ...] and the other outputs as `run_in_chunks` returns them."""
@@ -173,9 +179,12 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                          "ones.", **fv)
     for field in _SAMPLER_FIELDS:
         help_text = f"{config_flags.HELP[field]} Default: from the checkpoint's config."
-        if field == "denoise":
+        kind = config_flags.config_fields()[field][1]
+        if field in config_flags.CHOICES:
+            flags.DEFINE_enum(field, None, list(config_flags.CHOICES[field]), help_text, **fv)
+        elif kind is bool:
             flags.DEFINE_boolean(field, None, help_text, **fv)
-        elif field == "step_lr":
+        elif kind is float:
             flags.DEFINE_float(field, None, help_text, **fv)
         else:
             flags.DEFINE_integer(field, None, help_text, **fv)
@@ -240,13 +249,9 @@ def _sample(f) -> None:
                                           if f[k].value is not None})
     config_flags.validate(config)
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
-    score_fn = tf.function(  # traced once, called by every graph of the sampler
-        lambda x, labels: net(x, labels, training=False),
-        input_signature=[tf.TensorSpec([None, *shape]), tf.TensorSpec([None], tf.int32)])
-    sampler = sampling.AnnealedLangevin.from_config(
-        score_fn, net.sigmas, config,
-        trajectory_every=f.trajectory_every, diagnostics=f.diagnostics_dir is not None,
-        jit_compile=f.jit_compile)
+    sampler = sampling.for_network(
+        net, config, trajectory_every=f.trajectory_every,
+        diagnostics=f.diagnostics_dir is not None, jit_compile=f.jit_compile)
     levels, n = sampler.num_levels, f.num_samples
     image = mask = starts = None
     if f.inpaint:
@@ -256,9 +261,9 @@ def _sample(f) -> None:
     k = f.n_interpolations if f.interpolate else 1
     batches = _batches(n, max(1, config.sampling.sampling_batch_size // k))
     levels_per_call = f.levels_per_call or max(1, math.ceil(levels / 50))
-    logging.info("Sampling %d images from step %d: L=%d, T=%d, step_lr=%g, denoise=%s, %d "
-                 "batch(es)", n * k, step, levels, config.sampling.n_steps_each,
-                 config.sampling.step_lr, config.sampling.denoise, len(batches))
+    print(f"Sampling {n * k} images from step {step} with {sampler.name}: "
+          f"{sampler.nfe()} score evaluations per image ({levels} levels), "
+          f"denoise={sampler.denoise}, {len(batches)} batch(es)", file=sys.stderr)
     writer = tf.summary.create_file_writer(f.diagnostics_dir) if f.diagnostics_dir else None
     bar = Progress(n * k, levels, len(batches))
     seeds = np.arange(f.seed, f.seed + n, dtype=np.int64)

@@ -407,7 +407,8 @@ def test_fid_of_a_checkpoint_equals_fid_of_its_samples_saved_to_npz(net, tiny_ru
     assert result["reference"] == stats
     assert result["model"] == {"source": workdir, "step": 100, "seed": 3, "n_steps_each": 1,
                                "step_lr": TINY.sampling.step_lr, "denoise": False,
-                               "num_scales": 3, "data_init": False}
+                               "num_scales": 3, "data_init": False, "sampler": "ald",
+                               "nfe": 3}
     neighbours = evaluation.nearest_neighbors(expected[:3], train, 2)
     assert result["nearest_neighbors"]["min_distance"] == pytest.approx(
         float(neighbours.distances[:, 0].min()), rel=1e-5)
@@ -531,3 +532,20 @@ def test_data_init_starts_each_seed_from_its_held_out_image(tmp_path):
     np.testing.assert_array_equal(model.sample_fn(seeds), expected)
     from_noise = evaluation.load_checkpoint_model(workdir).sample_fn(seeds)
     assert not np.array_equal(from_noise, expected)
+
+
+def test_checkpoint_models_sample_with_the_chosen_sampler(tmp_path):
+    """evaluate / the fast-FID sweep take the sampler from the config or its flags; the
+    recorded settings say which and its NFE."""
+    config = presets.override(presets.get("digits"), ngf=4, num_scales=3, n_steps_each=1)
+    keras.utils.set_random_seed(0)
+    net = models.build(config)
+    workdir = str(tmp_path / "run")
+    checkpoints.save_converted(workdir, config, net, net, 1)
+    model = evaluation.load_checkpoint_model(workdir, {"sampler": "pc", "num_steps": 2})
+    assert (model.sampler["sampler"], model.sampler["num_steps"], model.sampler["nfe"]) == (
+        "pc", 2, 4)
+    pc = sampling.for_network(net, presets.override(config, sampler="pc", num_steps=2))
+    seeds = np.array([4, 7], np.int64)
+    np.testing.assert_array_equal(model.sample_fn(seeds),
+                                  image_io.to_uint8(pc.sample(seeds)["samples"]).numpy())

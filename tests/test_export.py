@@ -65,7 +65,8 @@ def test_version_and_metadata(exported, model):
     assert meta["step"] == STEP
     assert meta["checkpoint"] == "somewhere/ckpt-1234"
     assert presets.Config.from_dict(meta["config"]) == CONFIG
-    assert meta["sampler"] == {"n_steps_each": 1, "step_lr": 2e-5, "denoise": True}
+    assert meta["sampler"] == {"name": "ald", "nfe": 4 * 1 + 1, "n_steps_each": 1,
+                               "step_lr": 2e-5, "denoise": True, "inpaint": "ald"}
     assert meta["bounds"]["max_batch"] == 4
     assert meta["bounds"]["max_step_lr"] == pytest.approx(CONFIG.model.sigma_end ** 2)
     assert int(model.step.numpy()) == STEP
@@ -350,3 +351,23 @@ def test_data_init_is_refused_unless_turned_off(net, tmp_path):
     run("--nodata_init")
     assert not export.read_metadata(str(tmp_path / "m" / "ncsn" / "1"))["config"]["sampling"][
         "data_init"]
+
+
+def test_export_with_a_fast_sampler(net, tmp_path):
+    """--sampler=heun: serving_default runs the ODE sampler (as the library does, and as
+    recorded with its NFE); inpaint falls back to ald, which can inpaint."""
+    config = presets.override(CONFIG, sampler="heun", num_steps=3)
+    path = export.export(net, config, STEP, str(tmp_path), "fast", settings=SETTINGS)
+    meta = export.read_metadata(path)
+    assert meta["sampler"]["name"] == "heun" and meta["sampler"]["nfe"] == 5
+    assert meta["sampler"]["num_steps"] == 3 and meta["sampler"]["inpaint"] == "ald"
+    loaded = tf.saved_model.load(path)
+    images = loaded.signatures["serving_default"](seed=_seeds(3, 4))["images"]
+    heun = sampling.for_network(net, config)
+    np.testing.assert_array_equal(images, image_io.to_uint8(heun.sample(_seeds(3, 4))["samples"]))
+    image = np.full((1, *SHAPE), 0.5, np.float32)
+    mask = np.zeros((1, 16, 16, 1), np.float32)
+    mask[:, :8] = 1
+    filled = loaded.signatures["inpaint"](image=tf.constant(image), mask=tf.constant(mask),
+                                          seed=_seeds(1))["images"].numpy()
+    np.testing.assert_array_equal(filled[0, :8], image_io.to_uint8(image)[0, :8])

@@ -169,6 +169,13 @@ def test_progress_bar_counts_levels_and_images():
     (["--workdir={workdir}", "--inpaint={tmp}/none.png", "--mask=center"], "does not exist"),
     (["--workdir={workdir}", "--out={tmp}/x.jpg"], "must be a .png file"),
     (["--workdir={workdir}", "--step_lr=-1"], "--step_lr=-1.0 must be > 0"),
+    (["--workdir={workdir}", "--sampler=pc", "--num_steps=-2"], "--num_steps=-2 must be >= 0"),
+    (["--workdir={workdir}", "--sampler=cas", "--step_lr=1e-9"],
+     "cas needs step_lr/sigma_min^2 in [1 - 1/gamma, 1)"),
+    (["--workdir={workdir}", "--sampler=heun", "--interpolate"], "heun sampler cannot "
+     "interpolate"),
+    (["--workdir={workdir}", "--sampler=heun", "--inpaint={tmp}/image.png", "--mask=center"],
+     "heun sampler cannot inpaint"),
 ])
 def test_errors_are_one_line(workdir, tmp_path, args, message):
     tf.io.write_file(str(tmp_path / "image.png"), tf.io.encode_png(np.zeros((16, 16, 1),
@@ -199,3 +206,15 @@ def test_official_checkpoint_from_the_importer(tmp_path):
     samples = np.load(tmp_path / "o.npz")["samples"]
     assert samples.dtype == np.uint8 and samples.shape == (2, 28, 28, 1)
     assert _png(tmp_path / "o.png").shape == (2 + 86, 2 * 86 + 2, 1)  # 28 px shown at 84
+
+
+def test_fast_sampler_prints_its_score_evaluations(workdir, tmp_path, capsys):
+    """--sampler=heun --num_steps=3: 5 score evaluations per image (2N − 1), the library's
+    images for the same seeds."""
+    run(f"--workdir={workdir}", "--sampler=heun", "--num_steps=3", "--num_samples=2",
+        "--seed=3", f"--out={tmp_path}/h.png", f"--npz={tmp_path}/h.npz")
+    assert "with heun: 5 score evaluations per image (3 levels)" in capsys.readouterr().err
+    net, config, _ = checkpoints.load(workdir)
+    heun = sampling.for_network(net, presets.override(config, sampler="heun", num_steps=3))
+    np.testing.assert_array_equal(np.load(tmp_path / "h.npz")["samples"],
+                                  image_io.to_uint8(heun.sample([3, 4])["samples"]).numpy())

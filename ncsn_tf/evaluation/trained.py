@@ -33,15 +33,15 @@ class TrainedModel:
 
 
 def checkpoint_sample_fn(net, config: presets.Config) -> SampleFn:
-    """Annealed Langevin dynamics on `net` (pass the EMA network) with `config.sampling`.
+    """The sampler of `config.sampling` (ald by default; cas, pc, heun) on `net` (pass the EMA
+    network).
 
     With `data_init` (as the official FID mode allows), the image of seed s starts from
     held-out image s (mod the split's size) perturbed by σ1, instead of uniform noise. The
     sampler is traced once; it reads `net`'s variables, so weights assigned to `net`
     afterwards (the next checkpoint of a sweep) are sampled without retracing.
     """
-    sampler = sampling.AnnealedLangevin.from_config(
-        lambda x, labels: net(x, labels, training=False), net.sigmas, config)
+    sampler = sampling.for_network(net, config)
     starts = data.HeldOutImages(config) if config.sampling.data_init else None
 
     def sample_fn(seeds):
@@ -56,15 +56,16 @@ def load_checkpoint_model(path: str, config_overrides: dict[str, Any] | None = N
     """The EMA network of a workdir (its latest checkpoint) or checkpoint prefix.
 
     `config_overrides`: flat config fields to change (None values are ignored), e.g. the
-    sampler's `n_steps_each`, `step_lr`, `denoise`, or `precision` (the network is built in
-    that precision).
+    `sampler`, `num_steps`, `n_steps_each`, `step_lr`, `denoise`, or `precision` (the
+    network is built in that precision). The recorded settings include the sampler's NFE.
     """
     overrides = {k: v for k, v in (config_overrides or {}).items() if v is not None}
     net, config, step = checkpoints.load(path, ema=True, precision=overrides.get("precision"))
     config = presets.override(config, **overrides)
     config_flags.validate(config)
-    return TrainedModel(checkpoint_sample_fn(net, config), config, step, path,
-                 _sampler_settings(config), net)
+    sample_fn = checkpoint_sample_fn(net, config)
+    settings = {**_sampler_settings(config), "nfe": sampling.for_network(net, config).nfe()}
+    return TrainedModel(sample_fn, config, step, path, settings, net)
 
 
 def load_saved_model(export_dir: str, *, n_steps_each: int | None = None,
@@ -105,8 +106,12 @@ def load_saved_model(export_dir: str, *, n_steps_each: int | None = None,
 
 def _sampler_settings(config: presets.Config) -> dict[str, Any]:
     s = config.sampling
-    return dict(n_steps_each=s.n_steps_each, step_lr=s.step_lr, denoise=s.denoise,
-                num_scales=config.model.num_scales, data_init=s.data_init)
+    settings = dict(sampler=s.sampler, n_steps_each=s.n_steps_each, step_lr=s.step_lr,
+                    denoise=s.denoise, num_scales=config.model.num_scales,
+                    data_init=s.data_init)
+    if s.sampler != "ald":
+        settings["num_steps"] = sampling.num_steps(config)
+    return settings
 
 
 def generate_samples(sample_fn: SampleFn, num_samples: int, batch_size: int, *,

@@ -234,15 +234,16 @@ class Sampler:
 
         set_known = None
         if mask is not None:
+            if not self.supports_inpainting:
+                raise ValueError(f"the {self.name} sampler cannot inpaint: it is "
+                                 "deterministic, and inpainting re-noises the known pixels "
+                                 "at every step; use ald, cas or pc")
             image = self._check_examples(image, seeds, "image")
             set_known = functools.partial(_set_known, image, _check_mask(image, mask) > 0.5,
                                           seeds, self.shape)
         return self._anneal(x, start_level, end_level, n_steps_each, step_lr, draw, set_known)
 
     def _inpaint_fn(self, image, mask, seeds, n_steps_each, step_lr):
-        if not self.supports_inpainting:
-            raise ValueError(f"the {self.name} sampler cannot inpaint: it is deterministic, "
-                             "and inpainting re-noises the known pixels at every step")
         x = self._init_fn(seeds, None)
         out = self._run_levels_fn(x, seeds, 0, self.num_levels, image, mask, n_steps_each,
                                   step_lr)
