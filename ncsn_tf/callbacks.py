@@ -98,7 +98,7 @@ class ProgressLogger(keras.callbacks.Callback):
         self._step_begin = None
         self._busy = 0.0  # seconds inside train steps since the last report
         self._steps = 0
-        self._wall_start = self._wall_step = None  # time and step after the first step
+        self._wall = None  # steps since the first one (which traces) against the wall clock
 
     def on_train_batch_begin(self, batch, logs=None):
         self._step_begin = time.perf_counter()
@@ -106,21 +106,21 @@ class ProgressLogger(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         now = time.perf_counter()
         step = _step_of(self.start_step, batch)
-        if self._wall_start is None:
+        if self._wall is None:
             # The first step traces and compiles: leave it out of the rates.
-            self._wall_start, self._wall_step = now, step
+            self._wall = progress.Progress(total=self.n_iters - step, clock=time.perf_counter)
             self._busy, self._steps = 0.0, 0
         else:
             self._busy += now - self._step_begin
             self._steps += 1
+            self._wall.advance(1)
         if _due(step, self.log_freq) or step == self.n_iters:
-            self._report(step, logs or {}, now)
+            self._report(step, logs or {})
             self.model.reset_metrics()
 
-    def _report(self, step: int, logs: dict, now: float) -> None:
+    def _report(self, step: int, logs: dict) -> None:
         images_per_second = self.global_batch * self._steps / self._busy if self._busy else 0.0
-        done = step - self._wall_step
-        eta = ((self.n_iters - step) * (now - self._wall_start) / done) if done else None
+        eta = self._wall.eta if self._wall.done else None
         with self.writer.as_default(step=step):
             for key, value in logs.items():
                 tf.summary.scalar(key, value, description=self.bucket_descriptions.get(key))

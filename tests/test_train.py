@@ -249,7 +249,7 @@ def test_diverging_run_stops_with_a_clear_message_and_no_nan_checkpoint(tmp_path
     message = next(r.getMessage() for r in caplog.records if "Non-finite" in r.getMessage())
     failed_step = int(message.split(" at step ")[1].split()[0].rstrip(";."))
     assert "sigma" in message and "latest checkpoint is intact" in message
-    saved = training.checkpoint_steps(str(workdir))
+    saved = dict(checkpoints.checkpoint_prefixes(str(workdir)))
     assert saved and max(saved) < failed_step  # nothing written at or after the bad step
     for step, prefix in saved.items():
         reader = tf.train.load_checkpoint(prefix)
