@@ -24,15 +24,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # name: config fields of the sampler (ncsn_tf.presets.SamplingConfig).
 SETTINGS = {
-    "ald": dict(sampler="ald"),
-    "ald T=1": dict(sampler="ald", n_steps_each=1),
+    "ald": dict(sampler="ald"),  # the paper's: T = 5 on all 49 levels
+    "ald T=1": dict(sampler="ald", n_steps_each=1, step_lr=2.45e-5),  # ε of Technique 4, T = 1
+    "cas N=24": dict(sampler="cas", num_steps=24, step_lr=5e-5),  # η = 0.5
     "cas N=49": dict(sampler="cas", num_steps=49, step_lr=5e-5),
-    "cas N=245": dict(sampler="cas", num_steps=245),
     "pc N=12": dict(sampler="pc", num_steps=12),
-    "pc N=25": dict(sampler="pc", num_steps=25),
-    "heun N=6": dict(sampler="heun", num_steps=6),
+    "pc N=49": dict(sampler="pc", num_steps=49),
+    "heun N=6 churn": dict(sampler="heun", num_steps=6, churn=10.0),
     "heun N=12": dict(sampler="heun", num_steps=12),
-    "heun N=25": dict(sampler="heun", num_steps=25),
+    "heun N=12 churn": dict(sampler="heun", num_steps=12, churn=10.0),
+    "heun N=25 churn": dict(sampler="heun", num_steps=25, churn=10.0),
 }
 
 

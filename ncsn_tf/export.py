@@ -49,11 +49,14 @@ import yaml
 from absl import app, flags, logging
 
 from ncsn_tf import images as image_io, presets, sampling
+from ncsn_tf import flags as config_flags
 
 METADATA_FILE = os.path.join("assets.extra", "ncsn_metadata.yaml")
 SIGNATURES = ("serving_default", "sample_with_settings", "inpaint", "score")
 DEFAULT_MAX_N_STEPS_EACH = 20  # 4x the largest official T; a request costs L·T network calls
 _TEMP_PREFIX = ".tmp-export-"
+# Settings of the cas/pc/heun samplers that the CLI takes (besides sampler and num_steps).
+_SAMPLER_SETTINGS = ("corrector_steps", "snr", "rho", "churn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -379,6 +382,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                       "recorded in the metadata. Default: from the config (ald).", **fv)
     flags.DEFINE_integer("num_steps", None, "Noise levels of the cas/pc/heun sampler. "
                          "Default: from the config (0: the sampler's default).", **fv)
+    for field in _SAMPLER_SETTINGS:
+        define = flags.DEFINE_integer if field == "corrector_steps" else flags.DEFINE_float
+        define(field, None, f"{config_flags.HELP[field]} Default: from the config.", **fv)
     flags.DEFINE_integer("max_batch", None, "Most seeds (images) one request may ask for. "
                          "Default: the config's sampling_batch_size.", **fv)
     flags.DEFINE_integer("max_n_steps_each", DEFAULT_MAX_N_STEPS_EACH,
@@ -402,9 +408,9 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
             raise app.UsageError("Give exactly one of --workdir and --checkpoint.")
         source = f.workdir or f.checkpoint
         net, config, step = checkpoints.load(source, ema=not f.no_ema, precision=f.precision)
-        config = presets.override(config, **{k: f[k].value for k in
-                                             ("data_init", "sampler", "num_steps")
-                                             if f[k].value is not None})
+        config = presets.override(config, **{
+            k: f[k].value for k in ("data_init", "sampler", "num_steps", *_SAMPLER_SETTINGS)
+            if f[k].value is not None})
         settings = ServingSettings.from_config(
             config, n_steps_each=f.n_steps_each, step_lr=f.step_lr, denoise=f.denoise,
             max_batch=f.max_batch, max_n_steps_each=f.max_n_steps_each)

@@ -371,3 +371,17 @@ def test_export_with_a_fast_sampler(net, tmp_path):
     filled = loaded.signatures["inpaint"](image=tf.constant(image), mask=tf.constant(mask),
                                           seed=_seeds(1))["images"].numpy()
     np.testing.assert_array_equal(filled[0, :8], image_io.to_uint8(image)[0, :8])
+
+
+def test_cli_fixes_the_sampler_and_its_settings(net, tmp_path):
+    from ncsn_tf import checkpoints
+
+    workdir = str(tmp_path / "run")
+    checkpoints.save_converted(workdir, CONFIG, net, net, 9)
+    fv = flags.FlagValues()
+    export.define_flags(fv)
+    export.main(fv(["export", f"--workdir={workdir}", f"--base_path={tmp_path / 'm'}",
+                    "--sampler=heun", "--num_steps=4", "--churn=10"]), fv)
+    meta = export.read_metadata(str(tmp_path / "m" / "ncsn" / "1"))
+    assert (meta["sampler"]["name"], meta["sampler"]["nfe"]) == ("heun", 7)
+    assert meta["config"]["sampling"]["churn"] == 10.0
