@@ -5,6 +5,7 @@ No timing is asserted: the numbers depend on the machine and its load.
 """
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -108,6 +109,10 @@ def test_train_step_and_sampler_benches_print_one_json_line(capsys):
     assert printed["precision"] == "bf16" and "ceiling_gflop_per_s" not in printed
     assert printed["sampler_steps"] == 5  # one level of the digits preset's n_steps_each = 5
     assert printed["score_images_per_s"] > 0 and printed["sampler_steps_per_s"] > 0
+    for name in ("philox", "map_fn"):
+        assert printed[f"noise_{name}_ms"] > 0
+        assert printed[f"noise_{name}_over_score"] == pytest.approx(
+            printed[f"noise_{name}_ms"] / 1e3 / statistics.median(printed["score_s"]), rel=0.05, abs=1e-4)
     # A training step runs every forward convolution and both its gradients, except the
     # gradient with respect to the input image (begin_conv: 16x16, 1 -> ngf=8 channels).
     first_conv_input_grad = 2 * 16 * 16 * 8 * 3 * 3 * 1 / 1e9
@@ -163,7 +168,8 @@ def test_scripts_run_from_the_command_line():
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     flags = {"train_step.py": "--precision", "sampler.py": "--precision",
              "memory_soak.py": "--preset", "precision_check.py": "--precisions",
-             "summarize.py": "paths"}
+             "summarize.py": "paths", "quality_vs_official.py": "--cross_seeds",
+             "lockstep_vs_official.py": "--steps", "sampler_quality.py": "--workdir"}
     for script, flag in flags.items():
         result = subprocess.run([sys.executable, os.path.join(BENCH, script), "--help"],
                                 capture_output=True, text=True, env=env, timeout=120)
@@ -174,6 +180,7 @@ def test_scripts_run_from_the_command_line():
 # ---- sample-quality benchmarks: the digit judge, the official comparison, the samplers ----
 
 import digit_features  # noqa: E402
+import lockstep_vs_official  # noqa: E402
 import quality_vs_official  # noqa: E402
 import sampler_quality  # noqa: E402
 
@@ -236,6 +243,13 @@ def test_weights_exchanged_in_the_official_layout_round_trip(tmp_path):
     np.testing.assert_array_equal(again(x, labels).numpy(), net(x, labels).numpy())
 
 
+def test_lockstep_needs_an_official_checkout(tmp_path):
+    with pytest.raises(SystemExit, match="not a checkout of ermongroup/ncsnv2"):
+        lockstep_vs_official.main(["--official", str(tmp_path)])
+    with pytest.raises(SystemExit, match="unknown stage"):
+        lockstep_vs_official.main(["--official", str(tmp_path), "--stages", "evaluate"])
+
+
 def test_summary_table_of_the_comparison():
     rows = [dict(trained_by=side, sampled_by=side, seed=s, frechet_distance=d, confidence=0.9,
                  held_out_loss=10.0, train_seconds=100.0)
@@ -244,6 +258,8 @@ def test_summary_table_of_the_comparison():
     table = quality_vs_official._summary(rows)
     assert "| official | official | 2 | 5.00 ± 1.41 | 4.00, 6.00 |" in table
     assert "| ncsn_tf | ncsn_tf | 2 | 5.00 ± 0.00 |" in table
+    # Welch: √(2/2 + 0/2) = 1.
+    assert "ncsn_tf − official (own samplers): +0.00 ± 1.00" in table
 
 
 def test_sampler_quality_bench_on_a_tiny_model(tmp_path, judge, capsys, monkeypatch):

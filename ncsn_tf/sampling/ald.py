@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from ncsn_tf.sampling import philox
 from ncsn_tf.sampling.driver import INIT, Sampler, per_seed
 
 
@@ -34,7 +35,7 @@ class AnnealedLangevin(Sampler):
         return self.num_levels * self.n_steps_each + int(self.denoise)
 
     def _prior(self, seeds):
-        return per_seed(tf.random.stateless_uniform, seeds, INIT, self.shape)
+        return per_seed(philox.uniform, seeds, INIT, self.shape)
 
     def _update(self, x, level, substep, n_steps_each, step_lr, z):
         sigmas = self._sigmas()

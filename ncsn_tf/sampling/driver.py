@@ -7,10 +7,11 @@ update step and the final step. Every run is one `tf.function` whose loop over l
 is a `tf.while_loop` in the graph, so a whole sampler exports as a single TF Serving signature.
 
 Randomness comes only from integer seeds, one per image: the noise of image n at step t is
-`stateless_normal(seed=(seeds[n], counter(t)))`. The same seed and settings therefore give
-bit-identical images, whatever else shares the batch, and a run split into chunks of levels
-(`init` → `run_levels` … → `finish`, e.g. behind a progress bar) is bit-identical to the
-one-graph `sample`.
+`stateless_normal(seed=(seeds[n], counter(t)))`, drawn for the whole batch at once by
+`philox` (a constant number of batched ops per step, whatever the batch size). The same seed
+and settings therefore give bit-identical images, whatever else shares the batch, and a run
+split into chunks of levels (`init` → `run_levels` … → `finish`, e.g. behind a progress bar)
+is bit-identical to the one-graph `sample`.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import math
 from collections.abc import Callable, Sequence
 
 import tensorflow as tf
+
+from ncsn_tf.sampling import philox
 
 # score_fn(x, labels) with int32 level indices, or score_fn(x, sigma) with float σ, per example.
 ScoreFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
@@ -43,8 +46,7 @@ class Sampler:
     when asked for at construction, "trajectory" (x after every `trajectory_every`-th global
     step, [frames, N, ...]) and "diagnostics" (per step: see `DIAGNOSTICS`). Each method traces
     one graph for all batch sizes; it runs without XLA (as TF Serving needs) unless
-    `jit_compile=True`. XLA has its own stateless generator: under XLA a seed gives other,
-    equally reproducible, noise than without it. XLA cannot record a trajectory.
+    `jit_compile=True` (same draws; XLA cannot record a trajectory).
 
     Subclasses set `name` and override the hooks below; `n_steps_each` and `step_lr` are
     per-call settings that only the Langevin samplers (ald, cas) take.
@@ -102,8 +104,8 @@ class Sampler:
 
     def _prior(self, seeds):
         """The initial state without data: U[0, 1]^D + σ_1·z, whose noise level is σ_1."""
-        return (per_seed(tf.random.stateless_uniform, seeds, INIT, self.shape)
-                + self._level_sigma(0) * per_seed(tf.random.stateless_normal, seeds, INIT,
+        return (per_seed(philox.uniform, seeds, INIT, self.shape)
+                + self._level_sigma(0) * per_seed(philox.normal, seeds, INIT,
                                                    self.shape, step=1))
 
     def _update(self, x, level, substep, n_steps_each, step_lr, z):
@@ -202,7 +204,7 @@ class Sampler:
         if data is None:
             return self._prior(seeds)
         data = self._check_examples(data, seeds, "data")
-        return data + self._level_sigma(0) * per_seed(tf.random.stateless_normal, seeds,
+        return data + self._level_sigma(0) * per_seed(philox.normal, seeds,
                                                         INIT, self.shape)
 
     def _finish_fn(self, x, image, mask):
@@ -230,7 +232,7 @@ class Sampler:
             start_level, end_level]))
 
         def draw(step):
-            return per_seed(tf.random.stateless_normal, seeds, _LANGEVIN, self.shape, step)
+            return per_seed(philox.normal, seeds, _LANGEVIN, self.shape, step)
 
         set_known = None
         if mask is not None:
@@ -262,8 +264,8 @@ class Sampler:
         flat = lambda t: tf.reshape(t, tf.concat([[-1], tf.shape(t)[2:]], 0))  # noqa: E731
 
         def draw(step):
-            z_a = per_seed(tf.random.stateless_normal, seeds_a, _LANGEVIN, self.shape, step)
-            z_b = per_seed(tf.random.stateless_normal, seeds_b, _LANGEVIN, self.shape, step)
+            z_a = per_seed(philox.normal, seeds_a, _LANGEVIN, self.shape, step)
+            z_b = per_seed(philox.normal, seeds_b, _LANGEVIN, self.shape, step)
             return flat(z_a[:, None] * weights_a + z_b[:, None] * weights_b)
 
         x = tf.repeat(self._init_fn(seeds_a, data), k, axis=0)
@@ -385,17 +387,15 @@ def _check_seeds(seeds):
                                      message="seeds must be non-empty: one example per seed"))
 
 
-def per_seed(distribution, seeds, stream, shape, step=0):
-    """One draw of `shape` per seed from `distribution`, keyed by (seed, step, stream)."""
-    counter = tf.cast(step, tf.int64) * _NUM_STREAMS + stream
-    return tf.map_fn(
-        lambda seed: distribution(shape, tf.stack([seed, counter]), alg="philox"),
-        seeds, fn_output_signature=tf.TensorSpec(shape, tf.float32))
+def per_seed(draw, seeds, stream, shape, step=0):
+    """`draw` (philox.uniform or philox.normal) of `shape` per seed, keyed by (seed, step,
+    stream): [N, *shape] in a constant number of batched ops."""
+    return draw(seeds, tf.cast(step, tf.int64) * _NUM_STREAMS + stream, shape)
 
 
 def _set_known(image, is_known, seeds, shape, x, step, sigma):
     """Inpainting: the known pixels of `x` set to image + σ·z, with fresh noise at every step."""
-    z = per_seed(tf.random.stateless_normal, seeds, _KNOWN, shape, step)
+    z = per_seed(philox.normal, seeds, _KNOWN, shape, step)
     return tf.where(is_known, image + sigma * z, x)
 
 
