@@ -286,14 +286,17 @@ def _summary(rows: list[dict]) -> str:
                 f"{np.mean([r['confidence'] for r in group]):.3f} | "
                 f"{np.mean([r['held_out_loss'] for r in group]):.3f} | "
                 f"{np.mean([r['train_seconds'] for r in group]):.0f} s |")
-    own = {side: np.array([r["frechet_distance"] for r in rows
-                           if r["trained_by"] == r["sampled_by"] == side]) for side in SIDES}
-    if all(len(v) > 1 for v in own.values()):
-        # Standard error of the difference of the two means (Welch): the gap's noise.
-        se = np.sqrt(sum(v.var(ddof=1) / len(v) for v in own.values()))
-        gap = own["ncsn_tf"].mean() - own["official"].mean()
-        lines.append(f"\nncsn_tf − official (own samplers): {gap:+.2f} ± {se:.2f} "
-                     f"(difference of means ± its standard error)")
+    lines.append("")
+    for metric, name in (("frechet_distance", "distance"), ("held_out_loss", "held-out loss")):
+        own = {side: np.array([r[metric] for r in rows
+                               if r["trained_by"] == r["sampled_by"] == side]) for side in SIDES}
+        if all(len(v) > 1 for v in own.values()):
+            # Standard error of the difference of the two means (Welch): the gap's noise.
+            se = np.sqrt(sum(v.var(ddof=1) / len(v) for v in own.values()))
+            gap = own["ncsn_tf"].mean() - own["official"].mean()
+            lines.append(f"ncsn_tf − official (own samplers), {name}: {gap:+.2f} ± {se:.2f} "
+                         "(difference of means ± its standard error"
+                         + (f", {gap / se:+.1f} se)" if se > 0 else ")"))
     return "\n".join(lines)
 
 

@@ -252,14 +252,18 @@ def test_lockstep_needs_an_official_checkout(tmp_path):
 
 def test_summary_table_of_the_comparison():
     rows = [dict(trained_by=side, sampled_by=side, seed=s, frechet_distance=d, confidence=0.9,
-                 held_out_loss=10.0, train_seconds=100.0)
-            for side, ds in (("official", (4.0, 6.0)), ("ncsn_tf", (5.0, 5.0)))
-            for s, d in enumerate(ds)]
+                 held_out_loss=loss, train_seconds=100.0)
+            for side, ds, losses in (("official", (4.0, 6.0), (9.0, 9.0)),
+                                     ("ncsn_tf", (5.0, 5.0), (9.5, 10.5)))
+            for s, (d, loss) in enumerate(zip(ds, losses))]
     table = quality_vs_official._summary(rows)
     assert "| official | official | 2 | 5.00 ± 1.41 | 4.00, 6.00 |" in table
     assert "| ncsn_tf | ncsn_tf | 2 | 5.00 ± 0.00 |" in table
     # Welch: √(2/2 + 0/2) = 1.
-    assert "ncsn_tf − official (own samplers): +0.00 ± 1.00" in table
+    assert "ncsn_tf − official (own samplers), distance: +0.00 ± 1.00 (" in table
+    # Held-out loss: gap 1.0, standard error √(0/2 + 0.5/2) = 0.5, so 2 standard errors.
+    assert ("ncsn_tf − official (own samplers), held-out loss: +1.00 ± 0.50 (difference of "
+            "means ± its standard error, +2.0 se)") in table
 
 
 def test_sampler_quality_bench_on_a_tiny_model(tmp_path, judge, capsys, monkeypatch):
