@@ -25,8 +25,8 @@ def fresh_collective_keys():
 
 
 # The slowest files, slowest first (serial seconds on the 2-core machine: about 190, 170, 115,
-# 90, 85, 70, 65, 50). The README's `-n 2 --dist loadfile` hands whole files to the two workers in
-# collection order, so starting with these lets both workers finish together instead of one
+# 90, 85, 70, 65, 50). The README's `-n 2 --dist loadfile` hands whole files to the two workers
+# in collection order, so starting with these lets both workers finish together instead of one
 # running the last big file alone.
 _SLOWEST_FIRST = ("test_train.py", "test_export.py", "test_bench.py", "test_evaluate.py",
                   "test_pipeline.py", "test_sample_cli.py", "test_sampling.py",
