@@ -7,11 +7,11 @@ update step and the final step. Every run is one `tf.function` whose loop over l
 is a `tf.while_loop` in the graph, so a whole sampler exports as a single TF Serving signature.
 
 Randomness comes only from integer seeds, one per image: the noise of image n at step t is
-`stateless_normal(seed=(seeds[n], counter(t)))`, drawn for the whole batch at once by
-`philox` (a constant number of batched ops per step, whatever the batch size). The same seed
-and settings therefore give bit-identical images, whatever else shares the batch, and a run
-split into chunks of levels (`init` → `run_levels` … → `finish`, e.g. behind a progress bar)
-is bit-identical to the one-graph `sample`.
+`stateless_normal(seed=(seeds[n], counter(t)))` (to the last bit of log/sin/cos), drawn for
+the whole batch at once by `philox` (a constant number of batched ops per step, whatever the
+batch size). The same seed and settings therefore give bit-identical images, whatever else
+shares the batch, and a run split into chunks of levels (`init` → `run_levels` … → `finish`,
+e.g. behind a progress bar) is bit-identical to the one-graph `sample`.
 """
 from __future__ import annotations
 
