@@ -52,7 +52,7 @@ def train(official, ns, config, steps: int) -> dict:
     which is handed each step's shared noise."""
     import tensorflow as tf
     import torch
-    from digit_features import digits_split
+    from digit_judge import digits_split
     from ncsn_tf import convert, models
     from ncsn_tf.score_model import ScoreModel
 

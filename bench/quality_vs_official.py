@@ -1,6 +1,6 @@
 """Sample quality of ncsn_tf against the official NCSNv2 code at equal settings, side by side.
 
-    python bench/quality_vs_official.py --official=/tmp/ncsnv2 --seeds=0,1,2 --out=runs/quality
+    python bench/quality_vs_official.py --official=/tmp/ncsnv2 --seeds=0,1,2,3,4 --out=runs/q
 
 Both sides train the `digits` preset (NCSNv2 ngf 16, L 49, σ1 8.6, σL 0.01, Adam lr 1e-3,
 EMA 0.99, batch 64, 1,500 steps) on the same 1,600 training images at 16 px (built once by
@@ -13,16 +13,24 @@ dynamics (T 5, ε 1.6e-5, final denoising step):
 - ncsn_tf: the public CLIs, `python -m ncsn_tf.train --dataset=digits --seed=S` and
   `python -m ncsn_tf.sample --npz=...`.
 
+The official side can run on a GPU machine with torch alone (no TensorFlow there): write the
+training digits once with `--worker digits_npz --images=digits.npz`, then run the workers
+`official_train` (`--images=digits.npz --device=cuda`) and `official_sample` (`--device=cuda`)
+there into `OUT/official_seed<S>/ema_weights.npz` and `samples_official.npz`; the
+orchestration reuses whatever files it finds.
+
 `--cross_seeds=K` adds, for the first K seeds (default 1), the other two pairings of trained weights and sampler (weights exchanged in the
 official layout), which tells a training gap from a sampling gap. Each set of weights also gets
 a held-out DSM loss: the exact mean over the 197 test digits × 20 fixed noise draws, computed
 identically for every run.
 
-Every run is scored by `digit_features`: an MLP trained here on the training split; Fréchet
-distance in its penultimate features against the training images, mean confidence, histogram
-of predicted labels. Output in `--out`: `results.jsonl` (one JSON line per run), a grid per
-pairing (`<train>_trained__<sampler>_sampler.png`, seed of the first run) and a Markdown table
-(`summary.md`, also printed). Finished runs are reused: rerun to add seeds.
+Every run is scored by `digit_judge` (a convolutional classifier trained here, with an
+eleventh class for broken images): Fréchet distance, KID, precision, recall and the
+broken-sample rate in its features, each with a bootstrap 95% interval, and a grid of the 32
+least realistic samples beside each samples file. Output in `--out`: `results.jsonl` (one JSON
+line per run), a grid per pairing (`<train>_trained__<sampler>_sampler.png`, seed of the
+first run) and a Markdown table (`summary.md`, also printed: mean ± sd over training seeds,
+and each metric's gap between the sides with its standard error). Finished runs are reused: rerun to add seeds.
 """
 from __future__ import annotations
 
@@ -86,20 +94,25 @@ def _import_official(path: str):
 
 
 def official_train(args) -> None:
-    """Trains with the official code as its runner does; saves the EMA weights."""
+    """Trains with the official code as its runner does; saves the EMA weights. The training
+    digits come from `--images` (an .npz written by `--worker digits_npz`) when given, so this
+    runs where TensorFlow is not installed (e.g. a GPU machine with torch alone)."""
     import torch
-    from digit_features import digits_split
     official = _import_official(args.official)
     config = _digits_config()
     config.training.n_iters = args.n_iters
-    ns = _official_namespace(config)
+    ns = _official_namespace(config, args.device)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    images, _ = digits_split("train")
+    if args.images:
+        images = np.load(args.images)["train"]
+    else:
+        from digit_judge import digits_split
+        images, _ = digits_split("train")
     dataset = torch.utils.data.TensorDataset(torch.from_numpy(images.transpose(0, 3, 1, 2)))
     loader = torch.utils.data.DataLoader(dataset, batch_size=ns.training.batch_size,
                                          shuffle=True)
-    score = official.NCSNv2(ns)
+    score = official.NCSNv2(ns).to(args.device)
     optimizer = official.get_optimizer(ns, score.parameters())
     ema = official.EMAHelper(mu=ns.model.ema_rate)
     ema.register(score)
@@ -107,6 +120,7 @@ def official_train(args) -> None:
     step, losses, start = 0, [], time.time()
     while step < ns.training.n_iters:
         for (x,) in loader:
+            x = x.to(args.device)
             score.train()
             loss = official.dsm(score, x, sigmas, None, ns.training.anneal_power)
             optimizer.zero_grad()
@@ -120,8 +134,8 @@ def official_train(args) -> None:
                       f"{np.mean(losses[-100:]):.3f}", flush=True)
             if step >= ns.training.n_iters:
                 break
-    weights = {k: v.detach().numpy() for k, v in ema.state_dict().items()}
-    np.savez(args.weights, sigmas=sigmas.numpy(), train_seconds=time.time() - start,
+    weights = {k: v.detach().cpu().numpy() for k, v in ema.state_dict().items()}
+    np.savez(args.weights, sigmas=sigmas.cpu().numpy(), train_seconds=time.time() - start,
              last_losses=np.array(losses[-100:]), **weights)
 
 
@@ -129,22 +143,31 @@ def official_sample(args) -> None:
     """The official sampler on weights in the official layout."""
     import torch
     official = _import_official(args.official)
-    ns = _official_namespace(_digits_config())
+    ns = _official_namespace(_digits_config(), args.device)
     s = _digits_config().sampling
     weights = np.load(args.weights)
-    score = official.NCSNv2(ns)
+    score = official.NCSNv2(ns).to(args.device)
     state = {k: torch.from_numpy(weights[k]) for k in score.state_dict()}
     score.load_state_dict(state)
     score.eval()
     torch.manual_seed(args.seed)
     out = []
-    for start in range(0, args.num_samples, s.sampling_batch_size):
-        n = min(s.sampling_batch_size, args.num_samples - start)
-        init = torch.rand(n, ns.data.channels, ns.data.image_size, ns.data.image_size)
-        x = official.langevin(init, score, score.sigmas.numpy(), s.n_steps_each, s.step_lr,
-                              final_only=True, verbose=False, denoise=s.denoise)[-1]
-        out.append(x.clamp(0, 1).numpy().transpose(0, 2, 3, 1))
+    batch = args.sampling_batch_size or s.sampling_batch_size
+    for start in range(0, args.num_samples, batch):
+        n = min(batch, args.num_samples - start)
+        init = torch.rand(n, ns.data.channels, ns.data.image_size, ns.data.image_size,
+                          device=args.device)
+        x = official.langevin(init, score, score.sigmas.cpu().numpy(), s.n_steps_each,
+                              s.step_lr, final_only=True, verbose=False,
+                              denoise=s.denoise)[-1]
+        out.append(x.clamp(0, 1).cpu().numpy().transpose(0, 2, 3, 1))
     np.savez(args.samples, samples=_to_uint8(np.concatenate(out)))
+
+
+def digits_npz(args) -> None:
+    """The training digits as the official side trains on them, for `--images`."""
+    from digit_judge import digits_split
+    np.savez(args.images, train=digits_split("train")[0])
 
 
 def _to_uint8(images: np.ndarray) -> np.ndarray:
@@ -189,7 +212,7 @@ def ours_sample(args) -> None:
 def held_out_loss(args) -> None:
     """Exact mean DSM loss over test digits × HELD_OUT_DRAWS fixed draws (same for every run)."""
     import tensorflow as tf
-    from digit_features import digits_split
+    from digit_judge import digits_split
     from ncsn_tf.losses import dsm_loss
     from ncsn_tf.score_model import draw_perturbation
     net, config = _our_net(args.weights)
@@ -268,45 +291,55 @@ def _samples(train_side: str, sampler: str, seed: int, weights: str, args, log: 
     return path
 
 
+METRICS = ("frechet_distance", "kid", "precision", "recall", "broken_rate", "held_out_loss")
+
+
 def _summary(rows: list[dict]) -> str:
-    lines = ["| trained by | sampled by | seeds | Fréchet distance (mean ± sd) | per seed | "
-             "confidence | held-out DSM loss | train time |",
-             "|---|---|---|---|---|---|---|---|"]
+    """Markdown: mean ± sd over training seeds per pairing; then each metric's gap between the
+    two sides (own samplers) with its standard error over seeds (Welch)."""
+    lines = ["| trained by | sampled by | seeds | Fréchet distance | KID | precision | recall | "
+             "broken | held-out DSM loss | per-seed distance |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for train_side in SIDES:
         for sampler in SIDES:
             group = [r for r in rows if r["trained_by"] == train_side
                      and r["sampled_by"] == sampler]
             if not group:
                 continue
-            fd = np.array([r["frechet_distance"] for r in group])
+
+            def stat(key, digits=2):
+                v = np.array([r[key] for r in group])
+                return f"{v.mean():.{digits}f} ± {v.std(ddof=1) if len(v) > 1 else 0:.{digits}f}"
+
+            broken = sum(round(r["broken_rate"] * r["num_samples"]) for r in group)
+            per_seed = ", ".join(f"{r['frechet_distance']:.2f}" for r in group)
             lines.append(
-                f"| {train_side} | {sampler} | {len(group)} | {fd.mean():.2f} ± "
-                f"{fd.std(ddof=1) if len(fd) > 1 else 0:.2f} | "
-                f"{', '.join(f'{v:.2f}' for v in fd)} | "
-                f"{np.mean([r['confidence'] for r in group]):.3f} | "
-                f"{np.mean([r['held_out_loss'] for r in group]):.3f} | "
-                f"{np.mean([r['train_seconds'] for r in group]):.0f} s |")
+                f"| {train_side} | {sampler} | {len(group)} | {stat('frechet_distance')} | "
+                f"{stat('kid')} | {stat('precision', 3)} | {stat('recall', 3)} | "
+                f"{broken}/{sum(r['num_samples'] for r in group)} | "
+                f"{stat('held_out_loss', 3)} | "
+                f"{per_seed} |")
     lines.append("")
-    for metric, name in (("frechet_distance", "distance"), ("held_out_loss", "held-out loss")):
+    for metric in METRICS:
         own = {side: np.array([r[metric] for r in rows
                                if r["trained_by"] == r["sampled_by"] == side]) for side in SIDES}
         if all(len(v) > 1 for v in own.values()):
             # Standard error of the difference of the two means (Welch): the gap's noise.
             se = np.sqrt(sum(v.var(ddof=1) / len(v) for v in own.values()))
             gap = own["ncsn_tf"].mean() - own["official"].mean()
-            lines.append(f"ncsn_tf − official (own samplers), {name}: {gap:+.2f} ± {se:.2f} "
+            lines.append(f"ncsn_tf − official (own samplers), {metric}: {gap:+.3f} ± {se:.3f} "
                          "(difference of means ± its standard error"
                          + (f", {gap / se:+.1f} se)" if se > 0 else ")"))
     return "\n".join(lines)
 
 
 def orchestrate(args) -> None:
-    from digit_features import train_judge
+    import digit_judge
     from ncsn_tf.images import save_image_grid
     os.makedirs(args.out, exist_ok=True)
     log = os.path.join(args.out, "log.txt")
-    judge = train_judge()
-    print(f"digit classifier: test accuracy {judge.test_accuracy:.3f}", flush=True)
+    judge = digit_judge.train_judge()
+    print(f"digit judge: test accuracy {judge.test_accuracy:.3f}", flush=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     # Each side with its own sampler for every seed first, then the cross pairings.
     runs = [(side, side, seed) for side in SIDES for seed in seeds]
@@ -318,10 +351,11 @@ def orchestrate(args) -> None:
         path = _samples(train_side, sampler, seed, weights, args, log)
         images = np.load(path)["samples"]
         row = {"trained_by": train_side, "sampled_by": sampler, "seed": seed,
-               "num_samples": len(images), "n_iters": args.n_iters, **facts,
-               **judge.score(images), "classifier_test_accuracy": judge.test_accuracy}
+               "n_iters": args.n_iters, **facts, **judge.score(images),
+               "judge_test_accuracy": judge.test_accuracy}
         rows.append(row)
         print(json.dumps(row), flush=True)
+        digit_judge.save_worst_grid(judge, images, path[:-4] + "_worst.png")
         grid = os.path.join(args.out, f"{train_side}_trained__{sampler}_sampler.png")
         if seed == seeds[0]:
             save_image_grid(images[:100] / 255.0, grid, ncol=10)
@@ -335,23 +369,27 @@ def orchestrate(args) -> None:
 
 WORKERS = {"official_train": official_train, "official_sample": official_sample,
            "ours_export": ours_export, "ours_sample": ours_sample,
-           "held_out_loss": held_out_loss}
+           "held_out_loss": held_out_loss, "digits_npz": digits_npz}
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--official", required=True,
                         help="path of a checkout of ermongroup/ncsnv2 (needs torch)")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated training seeds")
     parser.add_argument("--out", default="runs/quality_vs_official", help="output folder")
     parser.add_argument("--n_iters", type=int, default=1500, help="training steps per run")
-    parser.add_argument("--num_samples", type=int, default=500, help="samples per run")
+    parser.add_argument("--num_samples", type=int, default=2000, help="samples per run")
     parser.add_argument("--cross_seeds", type=int, default=1,
                         help="for this many seeds (the first ones) also sample each side's "
                              "weights with the other side's sampler (0: none)")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--sampling_batch_size", type=int, default=0,
+                        help="images per official sampler call (0: the preset's)")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device of the official side (cpu, cuda)")
     for name, kind in (("seed", int), ("weights", str), ("samples", str), ("workdir", str),
-                       ("train_seconds", float)):
+                       ("train_seconds", float), ("images", str)):
         parser.add_argument(f"--{name}", type=kind, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:

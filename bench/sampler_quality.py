@@ -1,13 +1,16 @@
-"""Quality against cost of the samplers on a trained digits model.
+"""Quality against cost of the samplers, on several independently trained digits models.
 
-    python -m ncsn_tf.train --dataset=digits --workdir=runs/digits       # the README quickstart
-    python bench/sampler_quality.py --workdir=runs/digits --output bench/results/samplers.jsonl
+    for s in 0 1 2; do python -m ncsn_tf.train --dataset=digits --seed=$s --workdir=runs/q/ncsn_tf_seed$s/workdir; done
+    python bench/sampler_quality.py --workdirs=runs/q/ncsn_tf_seed0/workdir,runs/q/ncsn_tf_seed1/workdir,runs/q/ncsn_tf_seed2/workdir \
+        --num_samples=2000 --out=runs/samplers --output=bench/results/samplers_digits.jsonl
 
-For each sampler setting below (or `--settings`), `--num_samples` images from the EMA weights
-(seeds 0…N−1), scored by `digit_features` (an MLP trained here on the digits training split:
-Fréchet distance in its penultimate features against the training images, and the mean
-confidence), with the number of score evaluations per image (NFE) and images/s. One JSON line
-per setting; a Markdown table at the end.
+For each model (workdir i) and each sampler setting below (or `--settings`), `--num_samples`
+images from the EMA weights, seeds i·N … i·N + N − 1, saved as `OUT/model<i>/<setting>.npz`
+(reused when present, so a rerun only scores) and scored by `digit_judge` with bootstrap 95%
+intervals: Fréchet distance, KID, precision, recall, broken-sample rate (the judge's "not a
+digit"), pixel-noise rate and confidence; a grid of the 32 least realistic samples beside
+each file. One JSON line per model and setting; then a Markdown table over the models (mean ±
+standard deviation across models; broken samples counted over all of them).
 """
 from __future__ import annotations
 
@@ -25,72 +28,94 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # name: config fields of the sampler (ncsn_tf.presets.SamplingConfig).
 SETTINGS = {
     "ald": dict(sampler="ald"),  # the paper's: T = 5 on all 49 levels
-    "ald T=1": dict(sampler="ald", n_steps_each=1, step_lr=2.45e-5),  # ε of Technique 4, T = 1
-    "cas N=24": dict(sampler="cas", num_steps=24, step_lr=5e-5),  # η = 0.5
-    "cas N=49": dict(sampler="cas", num_steps=49, step_lr=5e-5),
-    "pc N=12": dict(sampler="pc", num_steps=12),
-    "pc N=49": dict(sampler="pc", num_steps=49),
-    "heun N=6 churn": dict(sampler="heun", num_steps=6, churn=10.0),
-    "heun N=12": dict(sampler="heun", num_steps=12),
-    "heun N=12 churn": dict(sampler="heun", num_steps=12, churn=10.0),
-    "heun N=25 churn": dict(sampler="heun", num_steps=25, churn=10.0),
+    "ald_T1": dict(sampler="ald", n_steps_each=1, step_lr=2.45e-5),  # ε of Technique 4, T = 1
+    "cas_N49": dict(sampler="cas", num_steps=49, step_lr=5e-5),  # η = 0.5
+    "pc_N12": dict(sampler="pc", num_steps=12),
+    "pc_N49": dict(sampler="pc", num_steps=49),  # pc's default on the digits preset
+    "heun_N6_churn": dict(sampler="heun", num_steps=6, churn=10.0),
+    "heun_N12": dict(sampler="heun", num_steps=12),
+    "heun_N12_churn": dict(sampler="heun", num_steps=12, churn=10.0),
+    "heun_N25_churn": dict(sampler="heun", num_steps=25, churn=10.0),
 }
+METRICS = ("frechet_distance", "kid", "precision", "recall", "broken_rate", "noisy_rate",
+           "confidence")
 
 
-def run(workdir: str, name: str, fields: dict, num_samples: int, judge) -> dict:
-    import tensorflow as tf
-
+def samples(workdir: str, fields: dict, first_seed: int, num_samples: int, path: str
+            ) -> tuple[np.ndarray, int, float | None]:
+    """(uint8 images, NFE, images/s or None when reused) of one setting on one model."""
     from ncsn_tf import checkpoints, images, presets, sampling
-    net, config, step = checkpoints.load(workdir)
+    net, config, _ = checkpoints.load(workdir)
     config = presets.override(config, **fields)
     sampler = sampling.for_network(net, config)
+    if os.path.exists(path):
+        return np.load(path)["samples"], sampler.nfe(), None
     batch = config.sampling.sampling_batch_size
-    seeds = np.arange(num_samples, dtype=np.int64)
+    seeds = first_seed + np.arange(num_samples, dtype=np.int64)
     sampler.sample(seeds[:2])  # trace outside the timing
     start = time.perf_counter()
     out = np.concatenate([images.to_uint8(sampler.sample(seeds[i:i + batch])["samples"]).numpy()
                           for i in range(0, num_samples, batch)])
-    seconds = time.perf_counter() - start
-    del tf
-    return {"setting": name, **fields, "nfe": sampler.nfe(), "num_samples": num_samples,
-            "samples_per_s": num_samples / seconds, "step": step, **judge.score(out)}
+    rate = num_samples / (time.perf_counter() - start)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.savez(path, samples=out, seeds=seeds)
+    return out, sampler.nfe(), rate
 
 
 def table(rows: list[dict]) -> str:
-    reference = next((r for r in rows if r["setting"] == "ald"), None)
-    lines = ["| sampler | NFE | Fréchet distance | vs ald | confidence | samples/s |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
-        ratio = (f"{r['frechet_distance'] / reference['frechet_distance']:.2f}×"
-                 if reference else "–")
-        lines.append(f"| {r['setting']} | {r['nfe']} | {r['frechet_distance']:.2f} | {ratio} | "
-                     f"{r['confidence']:.3f} | {r['samples_per_s']:.1f} |")
+    """Markdown: one row per setting, mean ± sd over the models, per-model values after."""
+    lines = ["| sampler | NFE | models | Fréchet distance | KID | precision | recall | "
+             "broken (of all samples) | confidence |", "|---|---|---|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["setting"] for r in rows):
+        group = [r for r in rows if r["setting"] == name]
+
+        def stat(key, digits=2, scale=1.0):
+            v = np.array([r[key] for r in group]) * scale
+            sd = v.std(ddof=1) if len(v) > 1 else 0.0
+            return f"{v.mean():.{digits}f} ± {sd:.{digits}f}"
+
+        broken = sum(round(r["broken_rate"] * r["num_samples"]) for r in group)
+        total = sum(r["num_samples"] for r in group)
+        lines.append(f"| {name} | {group[0]['nfe']} | {len(group)} | {stat('frechet_distance')}"
+                     f" | {stat('kid')} | {stat('precision', 3)} | {stat('recall', 3)} | "
+                     f"{broken}/{total} ({100 * broken / total:.1f}%) | "
+                     f"{stat('confidence', 3)} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", required=True, help="a trained digits workdir")
-    parser.add_argument("--num_samples", type=int, default=500)
+    parser.add_argument("--workdirs", required=True,
+                        help="comma-separated trained digits workdirs (≥ 3 training seeds)")
+    parser.add_argument("--num_samples", type=int, default=2000)
     parser.add_argument("--settings", default=",".join(SETTINGS),
                         help=f"comma-separated names among: {', '.join(SETTINGS)}")
+    parser.add_argument("--out", default="runs/samplers", help="samples and worst-sample grids")
+    parser.add_argument("--bootstrap", type=int, default=200)
     parser.add_argument("--output", default=None, help="also append the JSON lines here")
     args = parser.parse_args(argv)
     names = args.settings.split(",")
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:
         parser.error(f"unknown settings {unknown}; expected among {list(SETTINGS)}")
-    from digit_features import train_judge
-    judge = train_judge()
+    import digit_judge
+    judge = digit_judge.train_judge()
     rows = []
     for name in names:
-        row = run(args.workdir, name, SETTINGS[name], args.num_samples, judge)
-        rows.append(row)
-        line = json.dumps(row)
-        print(line, flush=True)
-        if args.output:
-            with open(args.output, "a") as f:
-                f.write(line + "\n")
+        for i, workdir in enumerate(args.workdirs.split(",")):
+            path = os.path.join(args.out, f"model{i}", f"{name}.npz")
+            images, nfe, rate = samples(workdir, SETTINGS[name], i * args.num_samples,
+                                        args.num_samples, path)
+            score = judge.score(images, bootstrap=args.bootstrap)
+            digit_judge.save_worst_grid(judge, images, path[:-4] + "_worst.png")
+            row = {"setting": name, **SETTINGS[name], "model": i, "workdir": workdir,
+                   "nfe": nfe, "samples_per_s": rate, "samples": path, **score}
+            rows.append(row)
+            line = json.dumps(row)
+            print(line, flush=True)
+            if args.output:
+                with open(args.output, "a") as f:
+                    f.write(line + "\n")
     print(table(rows))
 
 

@@ -1,4 +1,5 @@
-"""`python -m ncsn_tf.evaluate`: FID, Inception Score and nearest neighbours of generated samples.
+"""`python -m ncsn_tf.evaluate`: FID, Inception Score, precision/recall, KID and nearest
+neighbours of generated samples, and a grid of the least realistic ones.
 
 Samples come as an `.npz` file, a folder of images, an array, a `tf.data.Dataset`, any iterable
 of batches, or are drawn on the fly from a trained model: a checkpoint (the EMA weights, with
@@ -8,6 +9,12 @@ reproducible and gives the same images as `python -m ncsn_tf.sample` and TF Serv
 are streamed through a `FeatureNetwork` (ncsn_tf.inception), so memory stays bounded. Reference
 statistics of a dataset are computed once and cached as an `.npz` (`mu`, `sigma`: the TTUR
 layout, so published statistics files load too).
+
+FID summarises a whole set, so a few broken samples barely move it. Whenever the reference
+dataset is at hand (a model's own, or `--preset`/`--dataset` with `--samples`), evaluate also
+reports improved precision and recall (k-NN manifolds, `--pr_k`), KID with its standard error,
+and writes the `--num_worst` least realistic samples (lowest realism score) to `--worst_out`:
+look at that grid first.
 
     python -m ncsn_tf.evaluate --samples=samples.npz --inception=tfgan:/models/inception \
         --preset=cifar10 --ref_stats=stats/cifar10_train.npz --nn_k=9
@@ -26,14 +33,15 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
-from absl import app, flags
+from absl import app, flags, logging
 
 from ncsn_tf import checkpoints, data, inception, presets
 from ncsn_tf import flags as config_flags
 from ncsn_tf import images as image_io
-from ncsn_tf.evaluation import (SWEEP_CSV, SWEEP_LOGDIR, Statistics, batches_of, compute_fid_is,
-                                fast_fid_sweep, load_checkpoint_model, load_saved_model,
-                                model_fid_is, nearest_neighbors, neighbor_grid,
+from ncsn_tf.evaluation import (SWEEP_CSV, SWEEP_LOGDIR, ManifoldMetrics, Statistics,
+                                batches_of, compute_fid_is, fast_fid_sweep,
+                                load_checkpoint_model, load_saved_model, model_fid_is,
+                                nearest_neighbors, neighbor_grid, reference_features,
                                 reference_statistics, save_samples)
 from ncsn_tf.evaluation.sources import images_of
 from ncsn_tf.evaluation.sweep import selected_checkpoints
@@ -47,7 +55,7 @@ _MODELS = ("workdir", "checkpoint", "saved_model")
 _ONLY_WITH = {
     "preset": ("samples",), "config": ("samples",), "max_images": ("samples",),
     "num_samples": (*_MODELS, "sweep_workdir"), "save_samples": _MODELS,
-    "nn_k": ("samples", *_MODELS),
+    "nn_k": ("samples", *_MODELS), "worst_out": ("samples", *_MODELS),
     "begin_step": ("sweep_workdir",), "end_step": ("sweep_workdir",),
     "fast_fid_csv": ("sweep_workdir",), "fast_fid_logdir": ("sweep_workdir",),
 }
@@ -106,6 +114,20 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_bool("nn_flip", True, "Also match the mirrored sample, as the official code.",
                       **fv)
     flags.DEFINE_string("nn_out", "nearest_neighbors.png", "PNG grid of neighbours.", **fv)
+    flags.DEFINE_bool("precision_recall", True, "Also compute improved precision and recall, "
+                      "KID and per-sample realism against the reference dataset's features "
+                      "(needs the dataset, not only --ref_stats), and write the least "
+                      "realistic samples to --worst_out.", **fv)
+    flags.DEFINE_integer("pr_k", 3, "Neighbours of the k-NN manifolds of precision/recall.",
+                         lower_bound=1, **fv)
+    flags.DEFINE_integer("max_pr_images", 10_000, "Reference images and samples (the first "
+                         "ones) whose features enter precision, recall and KID; realism is "
+                         "computed for every sample.", lower_bound=4, **fv)
+    flags.DEFINE_integer("num_worst", 32, "Least realistic samples in the --worst_out grid.",
+                         lower_bound=1, **fv)
+    flags.DEFINE_string("worst_out", None, "PNG grid of the least realistic samples, least "
+                        "realistic first. Default: beside --report (REPORT_worst.png), else "
+                        "worst_samples.png.", **fv)
     flags.DEFINE_string("report", None, "Also write the results as JSON here.", **fv)
     flags.DEFINE_string("cache_dir", None, "Where downloaded networks are kept (default "
                         "$NCSN_TF_CACHE or ~/.cache/ncsn_tf).", **fv)
@@ -162,6 +184,39 @@ def _reference(f, config: presets.Config, feature_net: FeatureNetwork
     return stats, f.ref_stats or f"{config.data.dataset}/{f.split}"
 
 
+def _manifold(f, config: presets.Config | None, feature_net: FeatureNetwork
+              ) -> ManifoldMetrics | None:
+    """Precision/recall/KID/realism against the reference dataset's features, when asked for
+    and the dataset is known (a statistics file alone holds no features)."""
+    if not f.precision_recall:
+        return None
+    if config is None:
+        logging.info("Precision, recall and KID skipped: they need the reference images' "
+                     "features; pass --preset or --dataset as well as --ref_stats.")
+        return None
+    reference = reference_features(config, feature_net, split=f.split,
+                                   batch_size=f.eval_batch_size,
+                                   max_images=min(f.max_pr_images, f.max_ref_images
+                                                  or f.max_pr_images))
+    if len(reference) <= f.pr_k:
+        raise ValueError(f"Precision/recall with --pr_k={f.pr_k} needs more than {f.pr_k} "
+                         f"reference images; the reference set has {len(reference)}.")
+    return ManifoldMetrics(reference, k=f.pr_k, max_samples=f.max_pr_images,
+                           num_worst=f.num_worst)
+
+
+def _save_worst(f, manifold: ManifoldMetrics | None, results: dict[str, Any]) -> None:
+    """Writes the least realistic samples' grid and records where."""
+    if manifold is None or not manifold.count:
+        return
+    path = f.worst_out or (os.path.splitext(f.report)[0] + "_worst.png" if f.report
+                           else "worst_samples.png")
+    worst = manifold.worst_images()
+    image_io.save_image_grid(worst / 255.0 if worst.dtype == np.uint8 else worst, path,
+                             ncol=min(8, len(worst)))
+    results["least_realistic"]["png"] = path
+
+
 def _neighbors(f, samples: np.ndarray, config: presets.Config,
                feature_net: FeatureNetwork) -> dict[str, Any]:
     train = data.load(config, f.split, training=False, batch_size=f.eval_batch_size)
@@ -184,10 +239,12 @@ def _evaluate_samples(f) -> dict[str, Any]:
         if not (f.ref_stats and tf.io.gfile.exists(f.ref_stats)):
             config = config_flags.config_from_flags(f)
         ref_stats, reference = _reference(f, config, feature_net)
+        manifold = _manifold(f, config, feature_net)
         results.update(compute_fid_is(f.samples, feature_net, ref_stats,
                                       batch_size=f.eval_batch_size, max_images=f.max_images,
-                                      splits=f.splits))
+                                      splits=f.splits, manifold=manifold))
         results["reference"] = reference
+        _save_worst(f, manifold, results)
     if f.nn_k:
         samples = images_of(next(iter(batches_of(f.samples, f.nn_samples))))[:f.nn_samples]
         results["nearest_neighbors"] = _neighbors(
@@ -209,14 +266,16 @@ def _evaluate_model(f) -> dict[str, Any]:
         model = load_checkpoint_model(f.workdir or f.checkpoint, overrides)
     config = presets.override(model.config, **overrides)
     ref_stats, reference = _reference(f, config, feature_net)
+    manifold = _manifold(f, config, feature_net)
     seed = f.seed or 0
     keep = [] if f.save_samples or f.nn_k else None  # all images to save, else a few for nn
     results = model_fid_is(
         model, feature_net, ref_stats, seed=seed,
         num_samples=f.num_samples or DEFAULT_NUM_SAMPLES["model"],
         batch_size=f.sampling_batch_size, eval_batch_size=f.eval_batch_size, splits=f.splits,
-        keep=keep, keep_images=None if f.save_samples else f.nn_samples)
+        keep=keep, keep_images=None if f.save_samples else f.nn_samples, manifold=manifold)
     results["reference"] = reference
+    _save_worst(f, manifold, results)
     if f.save_samples:
         images = np.concatenate(keep)
         save_samples(f.save_samples, images, np.arange(seed, seed + len(images), dtype=np.int64))

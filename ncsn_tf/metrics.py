@@ -1,7 +1,12 @@
-"""The math of FID and Inception Score on features already computed (NumPy and SciPy).
+"""The math of sample-quality metrics on features already computed (NumPy and SciPy).
 
 FID (Heusel et al. 2017) is the Fréchet distance between Gaussians fitted to the features of
 two image sets; the Inception Score (Salimans et al. 2016) is exp(E_x KL(p(y|x) || p(y))).
+Both summarise a whole set, so a few broken samples barely move them. The metrics that see
+outliers work on the features themselves: improved precision and recall and the per-sample
+realism score (Kynkäänniemi et al., NeurIPS 2019: k-NN balls around each feature vector as an
+estimate of each set's manifold), and KID (Bińkowski et al., ICLR 2018: an unbiased MMD² with
+a cubic polynomial kernel, with a standard error from disjoint subsets).
 Statistics files are `.npz` with keys `mu` and `sigma`, the layout of the published TTUR files
 (e.g. `fid_stats_cifar10_train.npz`); files we write also record the feature network's name.
 """
@@ -186,3 +191,110 @@ def load_statistics(path: str, network: str | None = None) -> tuple[np.ndarray, 
     raise ValueError(f"{path} has keys {data.files}; expected 'mu' and 'sigma' (TTUR layout) "
                      "or 'pool_3' (raw features).")
 
+
+
+# ------------------------------------------------------------------ outlier-aware metrics
+
+def pairwise_distances(a: np.ndarray, b: np.ndarray, block: int = 2048) -> np.ndarray:
+    """Euclidean distances [len(a), len(b)] between feature vectors, in row blocks (float32
+    products, float64 norms; memory O(block·len(b)) beyond the result)."""
+    a, b = _features_2d(a, "a"), _features_2d(b, "b")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"Feature dimensions differ: {a.shape[1]} vs {b.shape[1]}; both sets "
+                         "must come from the same feature network.")
+    b_sq = np.einsum("ij,ij->i", b, b)
+    b32 = b.astype(np.float32)
+    out = np.empty((len(a), len(b)), np.float64)
+    for start in range(0, len(a), block):
+        rows = a[start:start + block]
+        sq = (np.einsum("ij,ij->i", rows, rows)[:, None] + b_sq[None, :]
+              - 2.0 * (rows.astype(np.float32) @ b32.T))
+        out[start:start + block] = np.sqrt(np.maximum(sq, 0.0))
+    return out
+
+
+def knn_radii(features: np.ndarray, k: int = 3) -> np.ndarray:
+    """Distance from each feature vector to its k-th nearest other vector of the same set."""
+    features = _features_2d(features, "features")
+    if not 1 <= k < len(features):
+        raise ValueError(f"k must be in [1, {len(features) - 1}] for {len(features)} feature "
+                         f"vectors; got {k}.")
+    radii = np.empty(len(features))
+    for start in range(0, len(features), 2048):
+        d = pairwise_distances(features[start:start + 2048], features)
+        radii[start:start + 2048] = np.partition(d, k, axis=1)[:, k]  # column 0 is itself
+    return radii
+
+
+def manifold_coverage(reference: np.ndarray, radii: np.ndarray, queries: np.ndarray
+                      ) -> np.ndarray:
+    """For each query, whether it lies in some ball B(reference_i, radii_i): the k-NN estimate
+    of the reference set's manifold."""
+    inside = np.zeros(len(_features_2d(queries, "queries")), bool)
+    for start in range(0, len(queries), 2048):
+        d = pairwise_distances(queries[start:start + 2048], reference)
+        inside[start:start + 2048] = (d <= radii[None, :]).any(axis=1)
+    return inside
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Improved precision (the share of `fake` inside the manifold of `real`) and recall (the
+    share of `real` inside the manifold of `fake`), each manifold the union of k-NN balls.
+
+    A broken sample lands outside every ball of the real set, so mixing a fraction f of them
+    into a sample set lowers precision by f × the precision of the rest.
+    """
+    precision = manifold_coverage(real, knn_radii(real, k), fake).mean()
+    recall = manifold_coverage(fake, knn_radii(fake, k), real).mean()
+    return float(precision), float(recall)
+
+
+def realism_scores(real: np.ndarray, fake: np.ndarray, k: int = 3,
+                   real_radii: np.ndarray | None = None) -> np.ndarray:
+    """Per-sample realism max_i r_i / ‖fake − real_i‖ over the real vectors whose k-NN radius
+    r_i is at most the median (the pruning of Kynkäänniemi et al., which keeps outliers of the
+    real set from vouching for anything). Above 1: inside the real manifold; the lower, the
+    farther outside. Pass `real_radii` (from `knn_radii(real, k)`) to reuse them across
+    batches."""
+    real = _features_2d(real, "real")
+    radii = knn_radii(real, k) if real_radii is None else np.asarray(real_radii, np.float64)
+    keep = radii <= np.median(radii)
+    d = pairwise_distances(fake, real[keep])
+    with np.errstate(divide="ignore"):
+        return (radii[keep][None, :] / d).max(axis=1)
+
+
+def kid(real: np.ndarray, fake: np.ndarray, num_subsets: int = 10) -> tuple[float, float]:
+    """Kernel Inception Distance: (unbiased MMD² with k(x, y) = (x·y/d + 1)³, its standard
+    error).
+
+    Both sets are cut into `num_subsets` disjoint subsets of equal size m (the extra vectors
+    are dropped); each pair of subsets gives an unbiased estimate, so their mean is unbiased
+    at any sample size (unlike FID) and their spread / √num_subsets is an honest standard
+    error: the subsets share no vector.
+    """
+    real, fake = _features_2d(real, "real"), _features_2d(fake, "fake")
+    m = min(len(real), len(fake)) // num_subsets
+    if num_subsets < 2 or m < 2:
+        raise ValueError(f"KID needs num_subsets >= 2 subsets of >= 2 vectors; got {len(real)} "
+                         f"and {len(fake)} vectors for {num_subsets} subsets.")
+    d = real.shape[1]
+    estimates = []
+    for i in range(num_subsets):
+        x, y = real[i * m:(i + 1) * m], fake[i * m:(i + 1) * m]
+        k_xx, k_yy, k_xy = ((p @ q.T / d + 1.0) ** 3 for p, q in ((x, x), (y, y), (x, y)))
+        off = m * (m - 1)
+        estimates.append((k_xx.sum() - np.trace(k_xx)) / off
+                         + (k_yy.sum() - np.trace(k_yy)) / off - 2.0 * k_xy.mean())
+    estimates = np.array(estimates)
+    return float(estimates.mean()), float(estimates.std(ddof=1) / np.sqrt(num_subsets))
+
+
+def _features_2d(features: np.ndarray, name: str) -> np.ndarray:
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or not len(features):
+        raise ValueError(f"Expected {name} of shape [N >= 1, D]; got {features.shape}.")
+    if not np.isfinite(features).all():
+        raise ValueError(f"{name} holds NaN or infinite values: the images were broken (NaN "
+                         "pixels?) or the feature network diverged.")
+    return features

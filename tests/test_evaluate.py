@@ -322,8 +322,30 @@ def test_cli_computes_reference_statistics_fid_is_and_neighbours(net, tmp_path):
     assert result["inception_score"] == pytest.approx(expected["inception_score"], rel=1e-6)
     assert result["network"] == net.name and result["reference"] == stats
     assert result["nearest_neighbors"]["space"] == "pixels"
+    assert os.path.exists(report[:-5] + "_worst.png")  # beside the report by default
+    assert 0.0 <= result["precision"] <= 1.0 and result["kid_se"] > 0
     # 3 rows of (sample + 2 neighbours), 16 px cells, 2 px apart, 6 px after the samples.
     assert tf.io.decode_png(tf.io.read_file(grid)).shape == (2 + 3 * 18, 2 + 6 + 3 * 18 - 2, 1)
+
+
+def test_streamed_manifold_metrics_equal_the_whole_array_computation(net):
+    """ManifoldMetrics over batches (features capped at max_samples, realism for every
+    sample) against the metrics of the whole arrays; the worst images are the samples'."""
+    real = net(smooth_images(300, seed=3))[0]
+    samples = np.concatenate([smooth_images(90, seed=4),
+                              np.random.default_rng(5).uniform(size=(10, 16, 16, 3))])
+    fake = net(samples)[0]
+    manifold = evaluation.ManifoldMetrics(real, k=3, max_samples=80, num_worst=5)
+    for start in range(0, 100, 30):
+        manifold.update(samples[start:start + 30], fake[start:start + 30])
+    result = manifold.result()
+    assert (result["precision"], result["recall"]) == pytest.approx(
+        metrics.precision_recall(real, fake[:80], 3))
+    assert (result["kid"], result["kid_se"]) == pytest.approx(metrics.kid(real, fake[:80], 10))
+    realism = metrics.realism_scores(real, fake, 3)
+    order = np.argsort(realism, kind="stable")[:5]
+    assert result["least_realistic"]["index"] == order.tolist()
+    np.testing.assert_array_equal(manifold.worst_images(), samples[order])
 
 
 # --- samples drawn from a model: checkpoints, SavedModels, fast FID sweeps --------------------
@@ -386,7 +408,8 @@ def test_fid_of_a_checkpoint_equals_fid_of_its_samples_saved_to_npz(net, tiny_ru
     stats, saved = str(tmp_path / "digits_train.npz"), str(tmp_path / "drawn.npz")
     result = run_cli([f"--workdir={workdir}", f"--ref_stats={stats}", "--num_samples=12",
                       "--seed=3", "--nodenoise", "--splits=2", f"--save_samples={saved}",
-                      "--nn_k=2", "--nn_samples=3", f"--nn_out={tmp_path / 'nn.png'}"], capsys)
+                      "--nn_k=2", "--nn_samples=3", f"--nn_out={tmp_path / 'nn.png'}",
+                      f"--worst_out={tmp_path / 'worst.png'}", "--num_worst=4"], capsys)
     expected = draw(np.arange(3, 15))
     with np.load(saved) as arrays:
         np.testing.assert_array_equal(arrays["samples"], expected)
@@ -409,6 +432,19 @@ def test_fid_of_a_checkpoint_equals_fid_of_its_samples_saved_to_npz(net, tiny_ru
                                "step_lr": TINY.sampling.step_lr, "denoise": False,
                                "num_scales": 3, "data_init": False, "sampler": "ald",
                                "nfe": 3}
+    # Precision, recall, KID and the least realistic samples, against the whole training
+    # split's features, computed here on the whole arrays at once.
+    real, fake = net(train)[0], net(expected)[0]
+    precision, recall = metrics.precision_recall(real, fake, k=3)
+    assert (result["precision"], result["recall"]) == pytest.approx((precision, recall))
+    # 12 samples: 6 disjoint subsets of 2 (at most 10 subsets, each of at least 2).
+    assert (result["kid"], result["kid_se"]) == pytest.approx(metrics.kid(real, fake, 6))
+    realism = metrics.realism_scores(real, fake, k=3)
+    worst = result["least_realistic"]
+    assert worst["index"] == np.argsort(realism, kind="stable")[:4].tolist()
+    assert worst["realism"] == pytest.approx(np.sort(realism)[:4])
+    assert worst["png"] == str(tmp_path / "worst.png")
+    assert tf.io.decode_png(tf.io.read_file(worst["png"])).shape == (2 + 66, 2 + 4 * 66, 1)
     neighbours = evaluation.nearest_neighbors(expected[:3], train, 2)
     assert result["nearest_neighbors"]["min_distance"] == pytest.approx(
         float(neighbours.distances[:, 0].min()), rel=1e-5)

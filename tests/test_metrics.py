@@ -174,3 +174,76 @@ def test_loads_ttur_and_raw_feature_layouts(tmp_path):
         metrics.load_statistics(str(tmp_path / "other.npz"))
     with pytest.raises(FileNotFoundError):
         metrics.load_statistics(str(tmp_path / "missing.npz"))
+
+
+# ------------------------------------------------------------- precision, recall, realism, KID
+
+def test_pairwise_distances_and_knn_radii_match_brute_force():
+    rng = np.random.default_rng(10)
+    a, b = rng.normal(size=(30, 5)), rng.normal(size=(20, 5))
+    brute = np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
+    np.testing.assert_allclose(metrics.pairwise_distances(a, b, block=7), brute, rtol=1e-5)
+    within = np.sqrt(((a[:, None, :] - a[None, :, :]) ** 2).sum(-1))
+    np.testing.assert_allclose(metrics.knn_radii(a, k=3), np.sort(within, axis=1)[:, 3],
+                               rtol=1e-5)
+
+
+def test_precision_recall_of_two_uniform_squares_with_known_overlap():
+    """Real U([0,1]²), fake U([0.5,1.5]×[0,1]): half of each lies in the other's support."""
+    rng = np.random.default_rng(11)
+    real = rng.uniform(size=(3000, 2))
+    fake = rng.uniform(size=(3000, 2)) + [0.5, 0.0]
+    precision, recall = metrics.precision_recall(real, fake, k=3)
+    assert precision == pytest.approx(0.5, abs=0.04)
+    assert recall == pytest.approx(0.5, abs=0.04)
+
+
+def test_precision_recall_of_disjoint_and_equal_sets():
+    rng = np.random.default_rng(12)
+    real = rng.normal(size=(500, 4))
+    assert metrics.precision_recall(real, real + 100.0) == (0.0, 0.0)
+    precision, recall = metrics.precision_recall(real, rng.normal(size=(500, 4)))
+    assert precision > 0.8 and recall > 0.8
+
+
+@pytest.mark.parametrize("fraction", [0.02, 0.05, 0.10])
+def test_precision_drops_by_the_fraction_of_outliers_mixed_in(fraction):
+    rng = np.random.default_rng(13)
+    real, good = rng.normal(size=(1000, 8)), rng.normal(size=(2000, 8))
+    n_bad = int(fraction * len(good))
+    outliers = rng.normal(size=(n_bad, 8)) * 0.3 + 50.0  # broken samples: far from the data
+    mixed = np.concatenate([good[:len(good) - n_bad], outliers])
+    clean_precision, _ = metrics.precision_recall(real, good[:len(good) - n_bad])
+    precision, _ = metrics.precision_recall(real, mixed)
+    assert precision == pytest.approx(clean_precision * (1 - fraction), abs=1e-12)
+    realism = metrics.realism_scores(real, mixed)
+    worst = np.argsort(realism)[:n_bad]
+    assert set(worst) == set(range(len(mixed) - n_bad, len(mixed)))  # the outliers, exactly
+    assert realism[-n_bad:].max() < min(1.0, realism[:-n_bad].min())
+
+
+def test_kid_matches_the_closed_form_mmd_of_two_gaussians():
+    """In 1-D, k(x, y) = (xy + 1)³ = x³y³ + 3x²y² + 3xy + 1, so MMD² = Σ_j c_j (m_j(P) − m_j(Q))²
+    with c = (3, 3, 1) for the moments j = 1, 2, 3; for N(μ, 1): μ, μ² + 1, μ³ + 3μ."""
+    rng = np.random.default_rng(14)
+    mu = 0.5
+    expected = 3 * mu ** 2 + 3 * (mu ** 2) ** 2 + (mu ** 3 + 3 * mu) ** 2
+    value, se = metrics.kid(rng.normal(size=(20000, 1)), rng.normal(mu, 1.0, size=(20000, 1)),
+                            num_subsets=20)
+    assert 0 < se < 0.1 * expected
+    assert abs(value - expected) < 3 * se
+
+
+def test_kid_is_unbiased_for_equal_distributions_at_small_sizes():
+    rng = np.random.default_rng(15)
+    values = [metrics.kid(rng.normal(size=(200, 16)), rng.normal(size=(200, 16)))
+              for _ in range(30)]
+    estimates, ses = np.array(values).T
+    # Each estimate is within a few standard errors of 0, and so is their mean (no bias).
+    assert np.all(np.abs(estimates) < 4 * ses)
+    assert abs(estimates.mean()) < 3 * estimates.std(ddof=1) / np.sqrt(len(estimates))
+
+
+def test_outlier_metrics_refuse_non_finite_features():
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.precision_recall(np.full((10, 2), np.nan), np.zeros((10, 2)))

@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from ncsn_tf import checkpoints, data, export, images as image_io, presets, sampling
 from ncsn_tf import flags as config_flags
-from ncsn_tf.evaluation.fid import Statistics, compute_fid_is, log_progress
+from ncsn_tf.evaluation.fid import ManifoldMetrics, Statistics, compute_fid_is, log_progress
 from ncsn_tf.inception import FeatureNetwork
 from ncsn_tf.progress import Progress
 
@@ -134,12 +134,14 @@ def model_fid_is(model: TrainedModel, feature_net: FeatureNetwork,
                  ref_stats: Statistics | str, *, num_samples: int,
                  batch_size: int | None = None, seed: int = 0, eval_batch_size: int = 250,
                  splits: int = 10, keep: list[np.ndarray] | None = None,
-                 keep_images: int | None = None) -> dict[str, Any]:
+                 keep_images: int | None = None, manifold: ManifoldMetrics | None = None
+                 ) -> dict[str, Any]:
     """FID and IS (`compute_fid_is`) of `num_samples` images drawn from `model`.
 
     `batch_size` defaults to the model config's `sampling_batch_size`. The generated batches
     are appended to `keep` when given (at most `keep_images` images; None: all), e.g. to
-    save them or to look for their nearest neighbours.
+    save them or to look for their nearest neighbours. `manifold` adds precision, recall,
+    KID and the least realistic samples (`compute_fid_is`).
     """
     batches = generate_samples(model.sample_fn, num_samples,
                                batch_size or model.config.sampling.sampling_batch_size,
@@ -147,7 +149,7 @@ def model_fid_is(model: TrainedModel, feature_net: FeatureNetwork,
     if keep is not None:
         batches = _kept(batches, keep, keep_images)
     result = compute_fid_is(_split(batches, eval_batch_size), feature_net, ref_stats,
-                            splits=splits)
+                            splits=splits, manifold=manifold)
     result["model"] = {"source": model.source, "step": model.step, "seed": seed,
                        **model.sampler}
     return result
