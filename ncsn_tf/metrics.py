@@ -230,7 +230,8 @@ def manifold_coverage(reference: np.ndarray, radii: np.ndarray, queries: np.ndar
                       ) -> np.ndarray:
     """For each query, whether it lies in some ball B(reference_i, radii_i): the k-NN estimate
     of the reference set's manifold."""
-    inside = np.zeros(len(_features_2d(queries, "queries")), bool)
+    queries = _features_2d(queries, "queries")
+    inside = np.zeros(len(queries), bool)
     for start in range(0, len(queries), 2048):
         d = pairwise_distances(queries[start:start + 2048], reference)
         inside[start:start + 2048] = (d <= radii[None, :]).any(axis=1)
