@@ -60,6 +60,12 @@ def read_config(workdir: str) -> presets.Config:
         return presets.Config.from_dict(yaml.safe_load(f))
 
 
+def config_of(path: str) -> presets.Config:
+    """The config of a workdir or checkpoint prefix, read without building or restoring
+    anything (so that a CLI can refuse a request before loading a model)."""
+    return read_config(_locate(path)[0])
+
+
 def make_checkpoint(net: keras.Model, ema_net: keras.Model, step: tf.Variable,
                     optimizer: keras.optimizers.Optimizer | None = None) -> tf.train.Checkpoint:
     """A checkpoint of the two networks, the training step (an int64 variable, e.g.

@@ -116,7 +116,7 @@ def run_in_chunks(sampler: sampling.Sampler, seeds, *, data=None, image=None,
         if "trajectory" in out:
             frames.append(images.to_uint8(out["trajectory"]).numpy())
         if "diagnostics" in out:
-            diagnostics.append((start * sampler.n_steps_each, out["diagnostics"]))
+            diagnostics.append((start * sampler.steps_per_level, out["diagnostics"]))
         if on_chunk:
             on_chunk(end)
     result = {"samples": sampler.finish(x, image=image, mask=mask)}
@@ -240,11 +240,26 @@ def _write_outputs(f, samples: np.ndarray, seeds: np.ndarray, ncol: int | None,
     print(f"Wrote {', '.join(written)} ({len(samples)} images)")
 
 
+def _check_sampler_supports(f, name: str) -> None:
+    """Refuses inpainting or interpolation with a sampler that cannot do it, before any work."""
+    cls = sampling.SAMPLERS.get(name)
+    if cls is None:
+        return  # config validation names the choices
+    if f.inpaint and not cls.supports_inpainting:
+        raise app.UsageError(f"the {name} sampler cannot inpaint: it is deterministic, and "
+                             "inpainting re-noises the known pixels at every step; use ald, "
+                             "cas or pc")
+    if f.interpolate and not cls.supports_interpolation:
+        raise app.UsageError(f"the {name} sampler cannot interpolate: it draws no noise to "
+                             "blend; use ald, cas or pc")
+
+
 def _sample(f) -> None:
     from ncsn_tf import checkpoints
 
-    net, config, step = checkpoints.load(f.workdir or f.checkpoint, ema=not f.no_ema,
-                                           precision=f.precision)
+    source = f.workdir or f.checkpoint
+    _check_sampler_supports(f, f.sampler or checkpoints.config_of(source).sampling.sampler)
+    net, config, step = checkpoints.load(source, ema=not f.no_ema, precision=f.precision)
     config = presets.override(config, **{k: f[k].value for k in _SAMPLER_FIELDS
                                           if f[k].value is not None})
     config_flags.validate(config)

@@ -141,6 +141,21 @@ def test_data_init_trajectory_and_diagnostics(workdir, reference, tmp_path):
     assert tf.io.gfile.glob(f"{tmp_path}/tb/events.out.tfevents.*")
 
 
+def test_chunked_diagnostics_count_every_update_step_of_pc():
+    """pc takes corrector_steps + 1 updates per level: chunk k of one level starts at step
+    2k, and the chunks' step numbers tile the run without overlap."""
+    config = presets.override(presets.get("digits"), ngf=4, num_scales=3, sampler="pc",
+                              num_steps=3, corrector_steps=1)
+    keras.utils.set_random_seed(0)
+    net = models.build(config)
+    sampler = sampling.for_network(net, config, diagnostics=True)
+    assert sampler.steps_per_level == 2
+    out = sample.run_in_chunks(sampler, np.array([0, 1], np.int64), levels_per_call=1)
+    firsts = [first for first, _ in out["diagnostics"]]
+    lengths = [len(values["level"]) for _, values in out["diagnostics"]]
+    assert firsts == [0, 2, 4] and lengths == [2, 2, 2]
+
+
 class _Terminal(io.StringIO):
     def isatty(self):
         return True
@@ -185,6 +200,33 @@ def test_errors_are_one_line(workdir, tmp_path, args, message):
     args = [a.format(tmp=tmp_path, workdir=workdir) for a in args]
     with pytest.raises(SystemExit, match="^sample: ") as error:
         run(f"--out={tmp_path}/o.png", *args)  # a later --out wins
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("config_sampler, args, message", [
+    ("ald", ["--sampler=heun", "--inpaint={tmp}/image.png", "--mask=center"],
+     "heun sampler cannot inpaint"),
+    ("heun", ["--inpaint={tmp}/image.png", "--mask=center"], "heun sampler cannot inpaint"),
+    ("heun", ["--interpolate"], "heun sampler cannot interpolate"),
+])
+def test_unsupported_requests_are_refused_before_the_model_loads(
+        tmp_path, monkeypatch, config_sampler, args, message):
+    """Given by flag or by the run's own config, a sampler that cannot inpaint or interpolate
+    is refused from config.yaml alone: no network is built or restored."""
+    config = presets.override(presets.get("digits"), ngf=4, num_scales=3,
+                              sampler=config_sampler)
+    workdir = str(tmp_path / "w")
+    checkpoints.save_converted(workdir, config, models.build(config), models.build(config), 1)
+    tf.io.write_file(str(tmp_path / "image.png"), tf.io.encode_png(np.zeros((16, 16, 1),
+                                                                           np.uint8)))
+
+    def no_load(*_, **__):
+        raise AssertionError("the model was loaded before the request was refused")
+
+    monkeypatch.setattr(checkpoints, "load", no_load)
+    with pytest.raises(SystemExit, match="^sample: ") as error:
+        run(f"--workdir={workdir}", f"--out={tmp_path}/o.png",
+            *[a.format(tmp=tmp_path) for a in args])
     assert message in str(error.value)
 
 

@@ -94,6 +94,13 @@ class Sampler:
         """Score evaluations per image with the construction's settings."""
         raise NotImplementedError
 
+    @property
+    def steps_per_level(self) -> int:
+        """Update steps per noise level with the construction's settings (T for ald and cas,
+        corrector steps + 1 for pc, 1 for heun): step numbers of diagnostics and trajectories
+        count these."""
+        return int(self._steps_per_level(self.n_steps_each))
+
     def _steps_per_level(self, n_steps_each):
         """Update steps per level (a scalar tensor)."""
         return n_steps_each
@@ -421,8 +428,8 @@ def write_diagnostics(summary_writer: tf.summary.SummaryWriter, diagnostics: dic
                       first_step: int = 0, prefix: str = "langevin/") -> None:
     """Write the per-step `diagnostics` of a run as TensorBoard scalars, x-axis = Langevin step.
 
-    `first_step` is the global step index of the first entry (start_level · n_steps_each for a
-    chunk of a run).
+    `first_step` is the global step index of the first entry (start_level · steps_per_level
+    for a chunk of a run).
     """
     values = {k: v.numpy() for k, v in diagnostics.items()}
     with summary_writer.as_default():
