@@ -30,12 +30,23 @@ SETTINGS = {
     "ald": dict(sampler="ald"),  # the paper's: T = 5 on all 49 levels
     "ald_T1": dict(sampler="ald", n_steps_each=1, step_lr=2.45e-5),  # ε of Technique 4, T = 1
     "cas_N49": dict(sampler="cas", num_steps=49, step_lr=5e-5),  # η = 0.5
+    "pc_N6": dict(sampler="pc", num_steps=6),
     "pc_N12": dict(sampler="pc", num_steps=12),
+    "pc_N25": dict(sampler="pc", num_steps=25),
     "pc_N49": dict(sampler="pc", num_steps=49),  # pc's default on the digits preset
     "heun_N6_churn": dict(sampler="heun", num_steps=6, churn=10.0),
-    "heun_N12": dict(sampler="heun", num_steps=12),
+    "heun_N12": dict(sampler="heun", num_steps=12),  # the probability-flow ODE
     "heun_N12_churn": dict(sampler="heun", num_steps=12, churn=10.0),
     "heun_N25_churn": dict(sampler="heun", num_steps=25, churn=10.0),
+    "heun_N18_churn40": dict(sampler="heun", num_steps=18, churn=40.0),
+    "dpm_N12_ode": dict(sampler="dpm", num_steps=12, eta=0.0),  # DPM-Solver++(2M) itself
+    "dpm_N6": dict(sampler="dpm", num_steps=6, eta=5.0, s_noise=0.8),
+    "dpm_N8": dict(sampler="dpm", num_steps=8, eta=5.0, s_noise=0.8),
+    "dpm_N12": dict(sampler="dpm", num_steps=12, eta=5.0, s_noise=0.8),
+    "dpm_N25": dict(sampler="dpm", num_steps=25, eta=5.0, s_noise=0.8),
+    "dpm_N12_eta1": dict(sampler="dpm", num_steps=12, eta=1.0),
+    "dpm_N12_eta1.5_s0.8": dict(sampler="dpm", num_steps=12, eta=1.5, s_noise=0.8),
+    "dpm_N12_eta5_s0.85": dict(sampler="dpm", num_steps=12, eta=5.0, s_noise=0.85),
 }
 METRICS = ("frechet_distance", "kid", "precision", "recall", "broken_rate", "noisy_rate",
            "confidence")

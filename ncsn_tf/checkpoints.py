@@ -6,6 +6,14 @@
     WORKDIR/checkpoints/ema/ckpt-N    the EMA weights and step of every snapshot, kept: what
                                       sampling, evaluation and checkpoint sweeps need, at about
                                       a quarter of the size of a full snapshot
+    .../set_aside/ckpt-N              files of a checkpoint that could not be read (truncated,
+                                      corrupt) or that a resumed run superseded, moved aside
+                                      by `restore_latest` rather than deleted or overwritten
+
+A snapshot writes its EMA part, then its kept copy, then the rotated checkpoint, each
+complete or absent (TensorFlow writes the .index last): a kill between them leaves a step
+that resumes from its kept copy or is trained again; `restore_latest` repairs a missing part
+of the step it resumes from.
 
 A full checkpoint holds `net` (live weights), `ema_net` (their EMA, used for sampling), `step`
 (int64) and, when written by training, `optimizer`; an EMA snapshot holds `ema_net` and `step`.
@@ -23,6 +31,7 @@ import os
 import keras
 import tensorflow as tf
 import yaml
+from absl import logging
 
 from ncsn_tf import models, presets
 
@@ -30,10 +39,24 @@ CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
 KEPT_DIR = "kept"
 EMA_DIR = "ema"
+SET_ASIDE_DIR = "set_aside"
 
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be used: missing, unreadable, or written for something else."""
+
+
+class UnreadableCheckpointError(CheckpointError):
+    """A checkpoint's files are missing, truncated or corrupt (`detail`: what TF said)."""
+
+    def __init__(self, prefix: str, error: Exception):
+        self.detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        super().__init__(
+            f"Cannot read the checkpoint {prefix} ({self.detail}). It is missing, truncated or "
+            "corrupt (e.g. a copy or a save that did not finish), or was not written by "
+            "TensorFlow: use another checkpoint of the workdir (an earlier ckpt-N in "
+            "WORKDIR/checkpoints or WORKDIR/checkpoints/kept). Training resumes from the "
+            "newest readable one by itself.")
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -90,15 +113,24 @@ def save(manager: tf.train.CheckpointManager, step: int, keep_every: int = 0,
     writes a full copy to WORKDIR/checkpoints/kept/, and with `keep_ema` the EMA weights and
     step to WORKDIR/checkpoints/ema/; rotation deletes neither. Returns the prefix."""
     step = int(step)
-    prefix = manager.save(checkpoint_number=step)
-    if keep_every and step % keep_every == 0:
-        manager.checkpoint.write(os.path.join(manager.directory, KEPT_DIR, f"ckpt-{step}"))
+    # The parts that are kept forever first: a kill before the rotated save leaves a step
+    # that resumes from its kept copy (or is trained again), never one without its parts.
     if keep_ema:
-        snapshot = tf.train.Checkpoint(ema_net=manager.checkpoint.ema_net,
-                                       step=manager.checkpoint.step)
-        snapshot.save_counter  # noqa: B018 (created on access; readers expect one)
-        snapshot.write(os.path.join(manager.directory, EMA_DIR, f"ckpt-{step}"))
-    return prefix
+        _write_ema(manager.checkpoint, manager.directory, step)
+    if keep_every and step % keep_every == 0:
+        _write(manager.checkpoint, os.path.join(manager.directory, KEPT_DIR, f"ckpt-{step}"))
+    return manager.save(checkpoint_number=step)
+
+
+def _write_ema(checkpoint: tf.train.Checkpoint, directory: str, step: int) -> str:
+    snapshot = tf.train.Checkpoint(ema_net=checkpoint.ema_net, step=checkpoint.step)
+    return _write(snapshot, os.path.join(directory, EMA_DIR, f"ckpt-{step}"))
+
+
+def _write(checkpoint: tf.train.Checkpoint, prefix: str) -> str:
+    """`checkpoint.write(prefix)` with the save counter that every reader expects."""
+    checkpoint.save_counter  # noqa: B018 (created on access)
+    return checkpoint.write(prefix)
 
 
 def save_converted(workdir: str, config: presets.Config, net: keras.Model,
@@ -134,6 +166,7 @@ def load(path: str, ema: bool = True,
             + ("; it is an EMA snapshot (EMA weights only): use the EMA weights, or a full "
                "checkpoint in WORKDIR/checkpoints/" if missing == {"net"} else
                "; it was not written by ncsn_tf.checkpoints"))
+    verify(prefix)
     net = models.build(config)
     step = tf.Variable(0, dtype=tf.int64)
     try:
@@ -155,17 +188,19 @@ def contents(prefix: str) -> set[str]:
     try:
         keys = [key for key, _ in tf.train.list_variables(prefix)]
     except (tf.errors.OpError, ValueError) as e:
-        raise CheckpointError(_unreadable(prefix, e)) from None
+        raise UnreadableCheckpointError(prefix, e) from None
     return {key.split("/")[0] for key in keys} - {"_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter"}
 
 
-def _unreadable(prefix: str, error: Exception) -> str:
-    detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-    return (f"Cannot read the checkpoint {prefix} ({detail}). It is missing, truncated or "
-            "corrupt (e.g. a copy or a save that did not finish), or was not written by "
-            "TensorFlow: use another checkpoint of the workdir (an earlier ckpt-N in "
-            "WORKDIR/checkpoints or WORKDIR/checkpoints/kept), or delete this one (its .index and "
-            ".data-* files) to resume from the one before it.")
+def verify(prefix: str) -> None:
+    """Reads every tensor of a checkpoint (TensorFlow checks each one's checksum); raises
+    `UnreadableCheckpointError` naming the file when one cannot be read."""
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        for key in reader.get_variable_to_shape_map():
+            reader.get_tensor(key)
+    except (tf.errors.OpError, ValueError, IndexError) as e:  # IndexError: truncated .data
+        raise UnreadableCheckpointError(prefix, e) from None
 
 
 def restore(prefix: str, *, net: keras.Model, ema_net: keras.Model, step: tf.Variable,
@@ -177,6 +212,7 @@ def restore(prefix: str, *, net: keras.Model, ema_net: keras.Model, step: tf.Var
     the file and what to do) when the checkpoint cannot be read or does not fit.
     """
     found = contents(prefix)
+    verify(prefix)  # unreadable files are not blamed on the architecture
     missing = {"net", "ema_net", "step"} - found
     if missing:
         raise CheckpointError(
@@ -202,15 +238,89 @@ def restore(prefix: str, *, net: keras.Model, ema_net: keras.Model, step: tf.Var
     return with_optimizer
 
 
+def restore_latest(workdir: str, *, net: keras.Model, ema_net: keras.Model, step: tf.Variable,
+                   optimizer: keras.optimizers.Optimizer, keep_every: int = 0,
+                   keep_ema: bool = True) -> tuple[str | None, bool]:
+    """Restores the newest readable full checkpoint of the workdir (rotated or kept, found on
+    disk, whatever WORKDIR/checkpoints/checkpoint says): (its prefix, whether it held
+    optimizer state), or (None, False) for a workdir without checkpoints.
+
+    Newer checkpoints that cannot be read, and EMA snapshots newer than the one restored
+    (which the resumed run will write again), are moved to a set_aside/ folder beside them,
+    never deleted or overwritten. A missing EMA snapshot or kept copy of the restored step
+    (a kill between the parts of a save) is written again. Raises `CheckpointError` when
+    the workdir holds checkpoints but none that training can resume from: it never starts
+    over from step 0 on top of them.
+    """
+    directory = checkpoint_dir(workdir)
+    full = sorted(((n, p) for folder in (directory, os.path.join(directory, KEPT_DIR))
+                   for n, p in checkpoint_prefixes(workdir, folders=(folder,))), reverse=True)
+    restored, with_optimizer = None, False
+    for number, prefix in full:
+        try:
+            with_optimizer = restore(prefix, net=net, ema_net=ema_net, step=step,
+                                     optimizer=optimizer)
+        except UnreadableCheckpointError as e:
+            logging.warning("Cannot read the checkpoint %s (%s): moved its files to %s; trying "
+                            "the one before it.", prefix, e.detail, set_aside(prefix))
+            continue
+        restored = number
+        break
+    if restored is None:
+        left = checkpoint_prefixes(workdir)
+        if left:
+            raise CheckpointError(
+                f"{directory} holds checkpoints ({', '.join(p for _, p in left)}) but no full "
+                "checkpoint that training can resume from (unreadable ones are in "
+                f"{SET_ASIDE_DIR}/ folders). Nothing was overwritten. Train into a new "
+                "--workdir, and fine-tune from an EMA snapshot with --init_from=PREFIX.")
+        return None, False
+    for _, newer in checkpoint_prefixes(workdir, begin_step=restored + 1):
+        logging.warning("Moved %s to %s: it is newer than the checkpoint the run resumes from "
+                        "(step %d), which will write its step again.", newer,
+                        set_aside(newer), restored)
+    checkpoint = make_checkpoint(net, ema_net, step, optimizer)
+    ema_prefix = os.path.join(directory, EMA_DIR, f"ckpt-{restored}")
+    if keep_ema and not tf.io.gfile.exists(ema_prefix + ".index"):
+        logging.warning("Repaired the missing EMA snapshot %s", _write_ema(checkpoint, directory,
+                                                                           restored))
+    kept_prefix = os.path.join(directory, KEPT_DIR, f"ckpt-{restored}")
+    if keep_every and restored % keep_every == 0 and not tf.io.gfile.exists(
+            kept_prefix + ".index"):
+        logging.warning("Repaired the missing kept copy %s", _write(checkpoint, kept_prefix))
+    rotated = [p for n, p in checkpoint_prefixes(workdir, folders=(directory,))]
+    if rotated:  # the rotation list, whatever state file was there
+        times = [tf.io.gfile.stat(p + ".index").mtime_nsec / 1e9 for p in rotated]
+        tf.compat.v1.train.update_checkpoint_state(
+            directory, rotated[-1], rotated, all_model_checkpoint_timestamps=times,
+            last_preserved_timestamp=min(times) - 1.0)
+    return prefix, with_optimizer
+
+
+def set_aside(prefix: str) -> str:
+    """Moves a checkpoint's files into a set_aside/ folder beside them; returns the new
+    prefix (a later copy of the same step gets a numbered name)."""
+    folder, name = os.path.split(prefix)
+    target_dir = os.path.join(folder, SET_ASIDE_DIR)
+    tf.io.gfile.makedirs(target_dir)
+    target, copy = os.path.join(target_dir, name), 1
+    while tf.io.gfile.glob(target + ".*"):
+        target, copy = os.path.join(target_dir, f"{name}.{copy}"), copy + 1
+    for path in tf.io.gfile.glob(prefix + ".*"):
+        tf.io.gfile.rename(path, target + path[len(prefix):])
+    return target
+
+
 def checkpoint_prefixes(workdir: str, begin_step: int | None = None,
-                        end_step: int | None = None) -> list[tuple[int, str]]:
+                        end_step: int | None = None, folders: tuple[str, ...] | None = None
+                        ) -> list[tuple[int, str]]:
     """(step, prefix) of the checkpoints of a workdir by step, full ones (rotated or kept)
     preferred over EMA snapshots of the same step; only those with
-    begin_step <= step <= end_step when given."""
+    begin_step <= step <= end_step when given, and only in `folders` when given."""
     found: dict[int, str] = {}
     directory = checkpoint_dir(workdir)
-    for folder in (directory, os.path.join(directory, KEPT_DIR),
-                   os.path.join(directory, EMA_DIR)):
+    for folder in folders or (directory, os.path.join(directory, KEPT_DIR),
+                              os.path.join(directory, EMA_DIR)):
         for index in tf.io.gfile.glob(os.path.join(folder, "ckpt-*.index")):
             number = os.path.basename(index)[len("ckpt-"):-len(".index")]
             if number.isdigit():

@@ -20,9 +20,10 @@ Signatures, all plain TensorFlow ops (no Python at serving time, no XLA):
     score                 x float32 [N, H, W, C] in [0, 1], noise_level int32 [N] (index into
                           the σ table)                   -> score float32 [N, H, W, C]
 
-`serving_default` runs the sampler chosen at export (`--sampler`: ald, cas, pc or heun, with
+`serving_default` runs the sampler chosen at export (`--sampler`: ald, cas, pc, heun or dpm, with
 its settings; ald by default), `sample_with_settings` annealed Langevin dynamics with the
-request's T and ε, `inpaint` the chosen sampler (ald when that is heun, which cannot inpaint).
+request's T and ε, `inpaint` the chosen sampler (ald when that one is deterministic: heun, or
+dpm with eta = 0).
 One image per seed; the same seed gives the same image whatever else is in the request. The
 whole run is one graph (a `tf.while_loop`). Requests outside the bounds fixed
 at export time (1 to `max_batch` seeds or images, 1 to `max_n_steps_each` steps per level,
@@ -55,8 +56,8 @@ METADATA_FILE = os.path.join("assets.extra", "ncsn_metadata.yaml")
 SIGNATURES = ("serving_default", "sample_with_settings", "inpaint", "score")
 DEFAULT_MAX_N_STEPS_EACH = 20  # 4x the largest official T; a request costs L·T network calls
 _TEMP_PREFIX = ".tmp-export-"
-# Settings of the cas/pc/heun samplers that the CLI takes (besides sampler and num_steps).
-_SAMPLER_SETTINGS = ("corrector_steps", "snr", "rho", "churn")
+# Settings of the cas/pc/heun/dpm samplers that the CLI takes (besides sampler and num_steps).
+_SAMPLER_SETTINGS = ("corrector_steps", "snr", "rho", "churn", "eta", "s_noise")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +137,7 @@ class ServingModule(tf.Module):
             self._default = sampling.for_network(
                 net, presets.override(config, denoise=settings.denoise))
         self.nfe = self._default.nfe()
-        self._inpainter = (self._default if self._default.supports_inpainting
+        self._inpainter = (self._default if self._default.stochastic
                            else self._samplers[settings.denoise])
 
     # ---- signatures ----
@@ -378,9 +379,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_boolean("denoise", None, "Final denoising step in serving_default and "
                          "inpaint. Default: from the config.", **fv)
     flags.DEFINE_enum("sampler", None, list(sampling.SAMPLERS), "Sampler of serving_default "
-                      "(and of inpaint, unless it is heun: then ald), fixed at export and "
+                      "(and of inpaint, unless it is deterministic: then ald), fixed at export and "
                       "recorded in the metadata. Default: from the config (ald).", **fv)
-    flags.DEFINE_integer("num_steps", None, "Noise levels of the cas/pc/heun sampler. "
+    flags.DEFINE_integer("num_steps", None, "Noise levels of the cas/pc/heun/dpm sampler. "
                          "Default: from the config (0: the sampler's default).", **fv)
     for field in _SAMPLER_SETTINGS:
         define = flags.DEFINE_integer if field == "corrector_steps" else flags.DEFINE_float

@@ -79,14 +79,18 @@ HELP: dict[str, str] = {
     "data_init": "Start sampling from perturbed data instead of uniform noise.",
     "sampler": "Sampling algorithm: ald (annealed Langevin, the paper's; L*T score "
                "evaluations), cas (consistent annealed sampling), pc (predictor-corrector of "
-               "the VE SDE) or heun (probability-flow ODE, Heun's method). See the README.",
-    "num_steps": "Noise levels of the cas/pc/heun samplers (0: cas L*T, pc L, heun 18); ald "
-                 "always walks the L levels of the table.",
+               "the VE SDE), heun (probability-flow ODE, Heun's method) or dpm (second-order "
+               "multistep SDE solver, DPM-Solver++(2M)-style). See the README.",
+    "num_steps": "Noise levels of the cas/pc/heun/dpm samplers (0: the sampler's default, see "
+                 "the README); ald always walks the L levels of the table.",
     "corrector_steps": "pc: Langevin corrector steps per level (NFE = num_steps * (1 + this)).",
     "snr": "pc: signal-to-noise ratio r of the corrector's step size 2 (r |z| / |score|)^2.",
-    "rho": "heun: spacing of the sigma schedule (7 as Karras et al.; larger = denser near "
+    "rho": "heun, dpm: spacing of the sigma schedule (7 as Karras et al.; larger = denser near "
            "sigma_L).",
     "churn": "heun: stochastic churn S_churn (0: the deterministic ODE).",
+    "eta": "dpm: noise of the SDE solver, eta (0: the deterministic probability-flow ODE).",
+    "s_noise": "dpm: scale of the injected noise (below 1: lower temperature, higher "
+               "precision, lower recall).",
 }
 
 # Fields whose values come from a fixed set; the flag rejects anything else at parse time.
@@ -94,7 +98,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "arch": ("auto", "ncsnv2", "ncsnv2_deeper", "ncsnv2_deepest"),
     "sigma_dist": ("geometric", "uniform"),
     "precision": ("fp32", "bf16", "fp16"),
-    "sampler": ("ald", "cas", "pc", "heun"),
+    "sampler": ("ald", "cas", "pc", "heun", "dpm"),
 }
 
 # Lower bounds: (bound, inclusive). Checked after all layers are merged (`validate`).
@@ -107,7 +111,7 @@ _MINIMUM: dict[str, tuple[float, bool]] = {
     "keep_every": (0, True), "test_freq": (0, True), "log_freq": (1, True),
     "sampling_batch_size": (1, True), "n_steps_each": (1, True), "step_lr": (0, False),
     "num_steps": (0, True), "corrector_steps": (0, True), "snr": (0, False), "rho": (0, False),
-    "churn": (0, True),
+    "churn": (0, True), "eta": (0, True), "s_noise": (0, True),
 }
 _BELOW_ONE = ("ema_rate", "beta1", "beta2")
 

@@ -71,12 +71,14 @@ class SamplingConfig:
     step_lr: float = 6.2e-6
     denoise: bool = True
     data_init: bool = False
-    sampler: str = "ald"  # ald | cas | pc | heun (ncsn_tf.sampling)
-    num_steps: int = 0  # levels of cas/pc/heun; 0: the sampler's default
+    sampler: str = "ald"  # ald | cas | pc | heun | dpm (ncsn_tf.sampling)
+    num_steps: int = 0  # levels of cas/pc/heun/dpm; 0: the sampler's default
     corrector_steps: int = 1  # pc: Langevin corrector steps per level
     snr: float = 0.16  # pc: the corrector's signal-to-noise ratio
-    rho: float = 7.0  # heun: spacing of the σ schedule
+    rho: float = 7.0  # heun, dpm: spacing of the σ schedule
     churn: float = 0.0  # heun: stochastic churn (0: the deterministic ODE)
+    eta: float = 1.0  # dpm: noise of the SDE solver (0: the probability-flow ODE)
+    s_noise: float = 1.0  # dpm: scale of the injected noise (< 1: lower temperature)
 
 
 @dataclasses.dataclass

@@ -39,7 +39,8 @@ from ncsn_tf import flags as config_flags
 
 NAMED_MASKS = ("right_half", "bottom_half", "center")
 _SAMPLER_FIELDS = ("sampler", "num_steps", "n_steps_each", "step_lr", "denoise",
-                   "sampling_batch_size", "corrector_steps", "snr", "rho", "churn")
+                   "sampling_batch_size", "corrector_steps", "snr", "rho", "churn", "eta",
+                   "s_noise")
 _TRAJECTORY_COLUMNS = 8  # images shown per frame in the trajectory PNG
 
 
@@ -107,12 +108,12 @@ def run_in_chunks(sampler: sampling.Sampler, seeds, *, data=None, image=None,
     per graph call, calling `on_chunk(levels_done)` after each; the samples are identical to
     the one-call run's. Returns "samples" and, if the sampler records them, "trajectory"
     (uint8 frames) and "diagnostics" (a list of (first step, per-step values) per chunk)."""
-    x = sampler.init(seeds, data)
+    x, memory = sampler.init(seeds, data), None
     frames, diagnostics = [], []
     for start in range(0, sampler.num_levels, levels_per_call):
         end = min(start + levels_per_call, sampler.num_levels)
-        out = sampler.run_levels(x, seeds, start, end, image=image, mask=mask)
-        x = out["samples"]
+        out = sampler.run_levels(x, seeds, start, end, image=image, mask=mask, memory=memory)
+        x, memory = out["samples"], out.get("memory")
         if "trajectory" in out:
             frames.append(images.to_uint8(out["trajectory"]).numpy())
         if "diagnostics" in out:
@@ -240,28 +241,29 @@ def _write_outputs(f, samples: np.ndarray, seeds: np.ndarray, ncol: int | None,
     print(f"Wrote {', '.join(written)} ({len(samples)} images)")
 
 
-def _check_sampler_supports(f, name: str) -> None:
-    """Refuses inpainting or interpolation with a sampler that cannot do it, before any work."""
+def _check_sampler_supports(f, config: presets.Config) -> None:
+    """Refuses inpainting or interpolation with a deterministic sampler, before any work."""
+    name = config.sampling.sampler
     cls = sampling.SAMPLERS.get(name)
-    if cls is None:
+    if cls is None or cls.stochastic_with(config.sampling):
         return  # config validation names the choices
-    if f.inpaint and not cls.supports_inpainting:
-        raise app.UsageError(f"the {name} sampler cannot inpaint: it is deterministic, and "
-                             "inpainting re-noises the known pixels at every step; use ald, "
-                             "cas or pc")
-    if f.interpolate and not cls.supports_interpolation:
-        raise app.UsageError(f"the {name} sampler cannot interpolate: it draws no noise to "
-                             "blend; use ald, cas or pc")
+    if f.inpaint:
+        raise app.UsageError(f"the {name} sampler cannot inpaint: with these settings it is "
+                             "deterministic, and inpainting re-noises the known pixels at "
+                             "every step; use ald, cas, pc or dpm with --eta > 0")
+    if f.interpolate:
+        raise app.UsageError(f"the {name} sampler cannot interpolate: with these settings it "
+                             "draws no noise to blend; use ald, cas, pc or dpm with --eta > 0")
 
 
 def _sample(f) -> None:
     from ncsn_tf import checkpoints
 
     source = f.workdir or f.checkpoint
-    _check_sampler_supports(f, f.sampler or checkpoints.config_of(source).sampling.sampler)
+    overrides = {k: f[k].value for k in _SAMPLER_FIELDS if f[k].value is not None}
+    _check_sampler_supports(f, presets.override(checkpoints.config_of(source), **overrides))
     net, config, step = checkpoints.load(source, ema=not f.no_ema, precision=f.precision)
-    config = presets.override(config, **{k: f[k].value for k in _SAMPLER_FIELDS
-                                          if f[k].value is not None})
+    config = presets.override(config, **overrides)
     config_flags.validate(config)
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
     sampler = sampling.for_network(

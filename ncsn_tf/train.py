@@ -62,7 +62,7 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     # TensorFlow starts here, after parsing.
-    from ncsn_tf import callbacks, checkpoints, data, training
+    from ncsn_tf import callbacks, checkpoints, data, training, workdir_lock
 
     config = _config(f, training)  # bad flags fail here, before any heavy work
     # MultiWorkerMirroredStrategy must exist before any other TensorFlow op runs.
@@ -78,7 +78,7 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
             allow_config_change=f.allow_config_change, init_from=f.init_from)
         result = training.train(config, f.workdir, options, strategy)
     except (training.RunConfigError, data.MissingDataError, checkpoints.CheckpointError,
-            FileNotFoundError) as error:
+            workdir_lock.WorkdirLockedError, FileNotFoundError) as error:
         sys.exit(f"ncsn_tf.train: {error}")
     except callbacks.NonFiniteLossError as error:
         logging.error("%s", error)

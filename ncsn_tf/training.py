@@ -26,6 +26,7 @@ filesystem all workers share (e.g. gs:// or NFS); only the chief writes to it.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -38,7 +39,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from ncsn_tf import callbacks, checkpoints, data, models, noise, presets, sampling
+from ncsn_tf import (callbacks, checkpoints, data, models, noise, presets, sampling,
+                     workdir_lock)
 from ncsn_tf.score_model import ScoreModel
 
 STRATEGIES = ("mirrored", "multi_worker", "tpu", "one_device")
@@ -183,7 +185,7 @@ def prepare_workdir(config: presets.Config, workdir: str, *, write: bool = True,
         listing = "; ".join(f"{s + '.' if s else ''}{f}: {a!r} -> {b!r}"
                             for s, f, a, b in changes)
         harmful = [c for c in changes if (c[0], c[1]) not in HARMLESS_CHANGES]
-        trained = tf.train.latest_checkpoint(checkpoints.checkpoint_dir(workdir)) is not None
+        trained = bool(checkpoints.checkpoint_prefixes(workdir))
         if trained and harmful and not allow_config_change:
             raise RunConfigError(
                 f"{workdir} holds a run with a different config ({listing}). Resuming would mix "
@@ -242,38 +244,56 @@ def train(config: presets.Config, workdir: str, options: RunOptions = RunOptions
 
     Seeds Keras/TF/NumPy globally with `config.training.seed` (reproducible initial weights).
     Raises `RunConfigError` when the config does not fit the strategy or the workdir's earlier
-    run, `callbacks.NonFiniteLossError` when the loss diverges. A SIGTERM/SIGINT saves a
-    checkpoint and returns early with `stop_signal` set.
+    run, `workdir_lock.WorkdirLockedError` when another trainer holds the workdir,
+    `checkpoints.CheckpointError` when its checkpoints cannot be resumed, and
+    `callbacks.NonFiniteLossError` when the loss diverges. A SIGTERM/SIGINT saves a
+    checkpoint and returns early with `stop_signal` set. The workdir's config.yaml is written
+    only once the run's checkpoint (if any) has been restored.
     """
     strategy = strategy or create_strategy(options.strategy, options.tpu)
     check_batch_size(config, strategy)
     chief = is_chief(strategy)
-    prepare_workdir(config, workdir, write=chief, allow_config_change=options.allow_config_change)
+    with workdir_lock.WorkdirLock(workdir) if chief else contextlib.nullcontext():
+        return _train(config, workdir, options, strategy, chief)
+
+
+def _train(config: presets.Config, workdir: str, options: RunOptions,
+           strategy: tf.distribute.Strategy, chief: bool) -> TrainResult:
+    prepare_workdir(config, workdir, write=False,
+                    allow_config_change=options.allow_config_change)
     t = config.training
     multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
 
     # Before the input pipeline: tf.data's seeded shuffle also depends on the global seed.
     keras.utils.set_random_seed(t.seed)
-    # The input pipeline first: missing data fail before the model is built. Checkpoints are
-    # named by step, so the resume step (which reseeds the shuffle) is known already.
-    latest = tf.train.latest_checkpoint(checkpoints.checkpoint_dir(workdir))
-    resume_step = int(latest.rsplit("-", 1)[1]) if latest else 0
-    train_ds = _distributable(data.load(
-        config, "train", training=True, batch_size=t.batch_size, seed=t.seed + resume_step,
-        deterministic=options.deterministic_data or multi_worker))
+    # The input pipeline first: missing data fail before the model is built. It is seeded
+    # by the resume step, so that a resumed run does not replay the batches already seen.
+    def train_data(resume_step: int) -> tf.data.Dataset:
+        return _distributable(data.load(
+            config, "train", training=True, batch_size=t.batch_size, seed=t.seed + resume_step,
+            deterministic=options.deterministic_data or multi_worker))
+
+    directory = checkpoints.checkpoint_dir(workdir)
+    newest = checkpoints.checkpoint_prefixes(
+        workdir, folders=(directory, os.path.join(directory, checkpoints.KEPT_DIR)))
+    planned_step = newest[-1][0] if newest else 0
+    train_ds = train_data(planned_step)
 
     with strategy.scope():
         model = ScoreModel(config)
         model.compile(jit_compile=options.jit_compile)
     if multi_worker:
         _give_step_outputs_a_batch_axis(model)
+    latest, with_optimizer = checkpoints.restore_latest(
+        workdir, net=model.net, ema_net=model.ema_net, step=model.step,
+        optimizer=model.optimizer, keep_every=t.keep_every if chief else 0,
+        keep_ema=chief and t.keep_ema_snapshots)
     manager = _checkpoint_manager(model, workdir)
     if latest:
         if options.init_from:
             logging.warning("Ignoring --init_from=%s: %s already holds a checkpoint; resuming "
                             "it.", options.init_from, workdir)
-        if checkpoints.restore(latest, net=model.net, ema_net=model.ema_net, step=model.step,
-                               optimizer=model.optimizer):
+        if with_optimizer:
             logging.info("Resumed from %s", latest)
         else:
             logging.warning("Resumed from %s, which holds no optimizer state (e.g. converted "
@@ -284,6 +304,10 @@ def train(config: presets.Config, workdir: str, options: RunOptions = RunOptions
         logging.info("Starting from the live and EMA weights of %s (its step %d); step 0, "
                      "fresh optimizer.", options.init_from, source_step)
     start_step = int(model.step.numpy())
+    if chief:
+        checkpoints.write_config(workdir, config)
+    if start_step != planned_step:  # resumed from an earlier checkpoint than the newest
+        train_ds = train_data(start_step)
     if start_step >= t.n_iters:
         logging.info("%s is already trained to step %d (n_iters=%d); nothing to do. Raise "
                      "--n_iters to train longer.", workdir, start_step, t.n_iters)

@@ -1,4 +1,5 @@
-"""The cas, pc and heun samplers and the sampler registry, checked with closed-form scores.
+"""The cas, pc, heun and dpm samplers and the sampler registry, checked with closed-form
+scores.
 
 For Gaussian data N(μ, s²I) the score at noise σ is −(x − μ)/(s² + σ²) at any continuous σ,
 and for a mixture of two such Gaussians it is the posterior-weighted mix of theirs. The
@@ -13,8 +14,8 @@ import pytest
 import tensorflow as tf
 
 from ncsn_tf import models, presets, sampling
-from ncsn_tf.sampling import (SAMPLERS, ConsistentAnnealed, HeunODE, PredictorCorrector,
-                              karras_sigmas)
+from ncsn_tf.sampling import (SAMPLERS, ConsistentAnnealed, DPMSolver, HeunODE,
+                              PredictorCorrector, karras_sigmas)
 
 MU, S2 = 0.4, 0.01  # data concentrated as images are, relative to σ_max
 SIGMA_MAX, SIGMA_MIN = 3.0, 0.01
@@ -105,7 +106,86 @@ def test_heun_ode_maps_perturbed_data_onto_the_data_exactly():
     assert sampler.nfe() == 79
 
 
-@pytest.mark.parametrize("name, tolerance", [("pc", 0.03), ("cas", 0.06), ("heun", 0.03)])
+def noise_after_each_level(sampler, mu):
+    """Per level: the standard deviation of x − μ after the level's steps, from x = μ + σ_0·z
+    (data at the point μ)."""
+    seeds = np.arange(8)
+    x, memory, stds = sampler.init(seeds, np.full((8, *sampler.shape), mu, np.float32)), None, []
+    for level in range(sampler.num_levels - 1):
+        out = sampler.run_levels(x, seeds, level, level + 1, memory=memory)
+        x, memory = out["samples"], out.get("memory")
+        stds.append(float(np.std(x.numpy() - mu)))
+    return np.array(stds)
+
+
+def test_pc_predictor_keeps_the_noise_at_the_next_level_however_far_apart():
+    """Data at a point, the exact score, levels a ratio 2.15 apart, no corrector: after each
+    predictor step x carries noise σ_(i+1) exactly. (The reverse-diffusion predictor left
+    √(σ_(i+1)⁴/σ_i² + σ_i² − σ_(i+1)²) = 1.9·σ_(i+1) here, the cause of pc's noisy and
+    pure-noise images at few levels.)"""
+    sampler = PredictorCorrector(gaussian_score(s2=0.0), 3.0, 0.3, (4096,), num_steps=4,
+                                 corrector_steps=0, clip=False)
+    sigmas = sampler.sigmas.numpy()
+    np.testing.assert_allclose(noise_after_each_level(sampler, MU), sigmas[1:], rtol=0.02)
+
+
+@pytest.mark.parametrize("eta", [0.5, 1.0, 3.0])
+def test_dpm_keeps_the_noise_at_the_next_level_and_ends_on_the_point(eta):
+    """For any η the SDE step keeps the noise of x at σ_(i+1) for data at a point and the
+    exact score, and the denoising step lands on the point."""
+    sampler = DPMSolver(gaussian_score(s2=0.0), 3.0, 0.01, (4096,), num_steps=6, eta=eta,
+                        clip=False)
+    sigmas = sampler.sigmas.numpy()
+    np.testing.assert_allclose(noise_after_each_level(sampler, MU), sigmas[1:], rtol=0.02)
+    np.testing.assert_allclose(sampler.sample([1, 2])["samples"].numpy(), MU, atol=1e-5)
+
+
+def test_dpm_ode_is_second_order():
+    """η = 0 solves the probability-flow ODE: from the exact perturbed data, the error against
+    the closed-form flow (then the exact denoiser at σ_(N−1)) falls 4-fold when the steps
+    double (second order; without the multistep term it halves, at 14 times the error)."""
+    rng = np.random.default_rng(0)
+    data = (MU + math.sqrt(S2) * rng.normal(size=(400, 16))).astype(np.float32)
+    errors = []
+    for num_steps in (20, 40):
+        sampler = DPMSolver(gaussian_score(), SIGMA_MAX, SIGMA_MIN, (16,), num_steps=num_steps,
+                            eta=0.0, clip=False)
+        start = sampler.init(SEEDS, data).numpy()
+        out = sampler.sample(SEEDS, data)["samples"].numpy()
+        last = float(sampler.sigmas[-1])
+        at_last = MU + (start - MU) * math.sqrt((S2 + last ** 2) / (S2 + SIGMA_MAX ** 2))
+        exact = MU + (at_last - MU) * S2 / (S2 + last ** 2)
+        errors.append(np.abs(out - exact).max())
+    assert errors[1] < errors[0] / 3.3 and errors[1] < 2e-3, errors
+
+
+def test_dpm_chunks_carry_the_memory():
+    sampler = DPMSolver(gaussian_score(), SIGMA_MAX, SIGMA_MIN, (4,), num_steps=7)
+    together = sampler.sample([5, 6, 7])["samples"].numpy()
+    x, memory = sampler.init([5, 6, 7]), None
+    for start in range(0, 7, 3):
+        out = sampler.run_levels(x, [5, 6, 7], start, min(start + 3, 7), memory=memory)
+        x, memory = out["samples"], out["memory"]
+    np.testing.assert_array_equal(sampler.finish(x).numpy(), together)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="continue a run from level"):
+        sampler.run_levels(x, [5, 6, 7], 3, 4)
+
+
+def test_heun_churn_never_leaves_the_trained_sigma_range():
+    """Churn raises σ to σ̂ = σ_i·(1 + γ) but never above σ_max, where the network was
+    never trained (it used to start at 1.41·σ_max)."""
+    highest = tf.Variable(0.0)
+
+    def recording_score(x, sigma):
+        highest.assign(tf.maximum(highest, tf.reduce_max(sigma)))
+        return gaussian_score()(x, sigma)
+
+    HeunODE(recording_score, SIGMA_MAX, SIGMA_MIN, (4,), num_steps=6, churn=10.0).sample([1])
+    assert SIGMA_MAX * 0.99 < highest.numpy() <= SIGMA_MAX * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("name, tolerance", [("pc", 0.03), ("cas", 0.06), ("heun", 0.03),
+                                             ("dpm", 0.03)])
 def test_two_mode_mixture_weights_are_recovered(name, tolerance):
     """Modes at 0.2 and 0.8 with weights 0.2/0.8, 64 independent coordinates per example:
     nearly every value ends near a mode, and the share at 0.8 is 0.8 within `tolerance`
@@ -117,8 +197,10 @@ def test_two_mode_mixture_weights_are_recovered(name, tolerance):
     elif name == "cas":
         sampler = ConsistentAnnealed(mixture_score(), 2.0, 0.01, shape, num_steps=300,
                                      step_lr=0.5 * 0.01 ** 2, **options)
-    else:
+    elif name == "heun":
         sampler = HeunODE(mixture_score(), 2.0, 0.01, shape, num_steps=60, **options)
+    else:
+        sampler = DPMSolver(mixture_score(), 2.0, 0.01, shape, num_steps=100, **options)
     out = sampler.sample(np.arange(300))["samples"].numpy().ravel()
     assert np.mean(np.abs(out - 0.2) < 0.1) + np.mean(np.abs(out - 0.8) < 0.1) > 0.97
     assert abs(np.mean(out > 0.5) - 0.8) < tolerance
@@ -135,6 +217,7 @@ def test_karras_schedule_and_nfe():
                               ).nfe() == 30
     assert ConsistentAnnealed(score, 3.0, 0.01, (2,), num_steps=10, step_lr=0.9e-4).nfe() == 11
     assert HeunODE(score, 3.0, 0.01, (2,), num_steps=10).nfe() == 19
+    assert DPMSolver(score, 3.0, 0.01, (2,), num_steps=10).nfe() == 10
 
 
 def test_seeds_are_per_image_and_chunks_match_one_call():
@@ -166,6 +249,14 @@ def test_inpainting_and_interpolation_where_supported():
         heun.interpolate([1], [2], 3)
     with pytest.raises(ValueError, match="heun sampler cannot inpaint"):
         heun.inpaint(image, mask, [1, 2])
+    dpm = DPMSolver(gaussian_score(), SIGMA_MAX, SIGMA_MIN, shape, num_steps=8)
+    out = dpm.inpaint(image, mask, [1, 2])["samples"].numpy()
+    np.testing.assert_array_equal(out[:, 0], image[:, 0])
+    rows = dpm.interpolate([1, 2], [3, 4], 3)["samples"].numpy()
+    np.testing.assert_array_equal(rows[:, 0], dpm.sample([1, 2])["samples"].numpy())
+    ode = DPMSolver(gaussian_score(), SIGMA_MAX, SIGMA_MIN, shape, num_steps=8, eta=0.0)
+    with pytest.raises(ValueError, match="dpm sampler cannot interpolate"):
+        ode.interpolate([1], [2], 3)
 
 
 def test_bad_settings_are_clear_errors():
@@ -176,6 +267,8 @@ def test_bad_settings_are_clear_errors():
         ConsistentAnnealed(score, 3.0, 0.01, (2,), num_steps=10, step_lr=1e-9)
     with pytest.raises(ValueError, match="snr must be > 0"):
         PredictorCorrector(score, 3.0, 0.01, (2,), num_steps=10, snr=0.0)
+    with pytest.raises(ValueError, match="dpm needs rho > 0, eta >= 0"):
+        DPMSolver(score, 3.0, 0.01, (2,), num_steps=10, eta=-1.0)
 
 
 def test_for_network_builds_the_configured_sampler():

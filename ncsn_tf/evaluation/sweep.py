@@ -44,14 +44,18 @@ def fast_fid_sweep(workdir: str, feature_net: FeatureNetwork, ref_stats: Statist
     writer = tf.summary.create_file_writer(log_dir)
     model, rows = None, []
     for _, prefix in selected:
-        if model is None:  # traces the sampler once; later weights are copied into its net
-            model = load_checkpoint_model(prefix, config_overrides)
-        else:
-            loaded, _, model.step = checkpoints.load(
-                prefix, ema=True, precision=model.config.training.precision)
-            for target, value in zip(model.net.weights, loaded.weights):
-                target.assign(value)
-            model.source = prefix
+        try:
+            if model is None:  # traces the sampler once; later weights go into its net
+                model = load_checkpoint_model(prefix, config_overrides)
+            else:
+                loaded, _, model.step = checkpoints.load(
+                    prefix, ema=True, precision=model.config.training.precision)
+                for target, value in zip(model.net.weights, loaded.weights):
+                    target.assign(value)
+                model.source = prefix
+        except checkpoints.UnreadableCheckpointError as e:
+            logging.warning("Skipping %s: it cannot be read (%s).", prefix, e.detail)
+            continue
         result = model_fid_is(model, feature_net, ref_stats, num_samples=num_samples,
                               batch_size=batch_size, seed=seed,
                               eval_batch_size=eval_batch_size, splits=splits)
@@ -68,6 +72,9 @@ def fast_fid_sweep(workdir: str, feature_net: FeatureNetwork, ref_stats: Statist
         logging.info("fast FID: step %d  FID %.3f  IS %s  (%s)", model.step, row["fid"],
                      row["inception_score"], prefix)
     writer.close()
+    if not rows:
+        raise checkpoints.CheckpointError(f"None of the {len(selected)} checkpoints of "
+                                          f"{workdir} could be read; see the warnings above.")
     best = min(rows, key=lambda r: r["fid"])
     logging.info("Best fast FID: %.3f at step %d (%d samples per checkpoint; %s, %s)",
                  best["fid"], best["step"], num_samples, csv_path, log_dir)

@@ -33,7 +33,7 @@ class TrainedModel:
 
 
 def checkpoint_sample_fn(net, config: presets.Config) -> SampleFn:
-    """The sampler of `config.sampling` (ald by default; cas, pc, heun) on `net` (pass the EMA
+    """The sampler of `config.sampling` (ald by default; cas, pc, heun, dpm) on `net` (pass the EMA
     network).
 
     With `data_init` (as the official FID mode allows), the image of seed s starts from

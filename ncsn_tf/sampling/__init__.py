@@ -17,15 +17,17 @@ from __future__ import annotations
 from ncsn_tf import presets
 from ncsn_tf.sampling.ald import AnnealedLangevin
 from ncsn_tf.sampling.cas import ConsistentAnnealed
+from ncsn_tf.sampling.dpm import DPMSolver
 from ncsn_tf.sampling.driver import DIAGNOSTICS, Sampler, ScoreFn, write_diagnostics
 from ncsn_tf.sampling.heun import HeunODE, karras_sigmas
 from ncsn_tf.sampling.pc import PredictorCorrector
 
 SAMPLERS = {cls.name: cls for cls in (AnnealedLangevin, ConsistentAnnealed, PredictorCorrector,
-                                      HeunODE)}
+                                      HeunODE, DPMSolver)}
 # num_steps when the config says 0: CAS matches ALD's NFE; PC takes one corrector step per
 # level of the table; Heun takes Karras et al.'s CIFAR-10 setting (35 NFE).
-DEFAULT_NUM_STEPS = {"cas": lambda L, T: L * T, "pc": lambda L, T: L, "heun": lambda L, T: 18}
+DEFAULT_NUM_STEPS = {"cas": lambda L, T: L * T, "pc": lambda L, T: L, "heun": lambda L, T: 18,
+                     "dpm": lambda L, T: 12}
 
 
 def num_steps(config: presets.Config) -> int:
@@ -52,11 +54,13 @@ def for_network(net, config: presets.Config, **options) -> Sampler:
     common = dict(num_steps=num_steps(config), denoise=s.denoise, **options)
     settings = {"cas": dict(step_lr=s.step_lr),
                 "pc": dict(corrector_steps=s.corrector_steps, snr=s.snr),
-                "heun": dict(rho=s.rho, churn=s.churn)}[s.sampler]
+                "heun": dict(rho=s.rho, churn=s.churn),
+                "dpm": dict(rho=s.rho, eta=s.eta, s_noise=s.s_noise)}[s.sampler]
     return SAMPLERS[s.sampler](net.score, float(table[0]), float(table[-1]), shape,
                                **common, **settings)
 
 
 __all__ = ["AnnealedLangevin", "ConsistentAnnealed", "DEFAULT_NUM_STEPS", "DIAGNOSTICS",
+           "DPMSolver",
            "HeunODE", "PredictorCorrector", "SAMPLERS", "Sampler", "ScoreFn", "for_network",
            "karras_sigmas", "num_steps", "write_diagnostics"]

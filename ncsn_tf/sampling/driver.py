@@ -53,8 +53,13 @@ class Sampler:
     """
 
     name = ""
-    supports_inpainting = True  # the known pixels are re-noised to the level's σ every step
-    supports_interpolation = True  # chains blend the noise of two seeds at every step
+
+    @classmethod
+    def stochastic_with(cls, settings) -> bool:
+        """Whether the rule with these `SamplingConfig` settings draws noise after its first
+        step, as inpainting (the known pixels are re-noised to the level's σ every step) and
+        interpolation (chains blend the noise of two seeds) need."""
+        return True
 
     def __init__(self, score_fn, sigmas, shape: Sequence[int], *, n_steps_each: int = 1,
                  step_lr: float = 1.0, denoise: bool = True, clip: bool = True,
@@ -82,6 +87,11 @@ class Sampler:
         self.diagnostics = diagnostics
         self.jit_compile = jit_compile
         self._functions = {}
+
+    @property
+    def stochastic(self) -> bool:
+        """`stochastic_with` this sampler's settings: it can inpaint and interpolate."""
+        return True
 
     # ---- the update rule: what a subclass defines ----
 
@@ -119,6 +129,15 @@ class Sampler:
         """One step at `level`, `z` ~ N(0, I) its noise: (new x, score used, step size)."""
         raise NotImplementedError
 
+    # A multistep rule sets `uses_memory` and overrides `_step`: the driver then carries a
+    # tensor shaped like x (e.g. the previous step's denoised image) from step to step and
+    # from one `run_levels` chunk to the next.
+    uses_memory = False
+
+    def _step(self, x, level, substep, n_steps_each, step_lr, z, memory):
+        """`_update` for rules without memory: (new x, score, step size, memory)."""
+        return (*self._update(x, level, substep, n_steps_each, step_lr, z), memory)
+
     def _final(self, x):
         """The final step when `denoise` (default: none)."""
         return x
@@ -135,17 +154,18 @@ class Sampler:
         return self._call(self._init_fn, _seeds(seeds), _optional(data))
 
     def run_levels(self, x, seeds, start_level, end_level, *, image=None, mask=None,
-                   n_steps_each=None, step_lr=None) -> dict:
-        """Langevin steps of noise levels [start_level, end_level) from state `x`.
+                   memory=None, n_steps_each=None, step_lr=None) -> dict:
+        """Update steps of noise levels [start_level, end_level) from state `x`.
 
         A chunked run `x = init(seeds)`; `x = run_levels(x, seeds, a, b)["samples"]` over
         consecutive ranges covering [0, num_levels); `finish(x)` gives exactly `sample(seeds)`.
         With `image` and `mask` it continues an inpainting run (start from `init(seeds)` too).
+        A multistep sampler (`uses_memory`) also returns "memory": pass it to the next chunk.
         """
         return self._call(self._run_levels_fn, tf.convert_to_tensor(x, tf.float32),
                           _seeds(seeds), tf.convert_to_tensor(start_level, tf.int32),
                           tf.convert_to_tensor(end_level, tf.int32), *_image_and_mask(image, mask),
-                          *self._settings(n_steps_each, step_lr))
+                          _optional(memory), *self._settings(n_steps_each, step_lr))
 
     def finish(self, x, *, image=None, mask=None) -> tf.Tensor:
         """Last part of a chunked run: denoise, put known pixels back (inpainting), clip."""
@@ -154,7 +174,7 @@ class Sampler:
 
     def inpaint(self, image, mask, seeds, *, n_steps_each=None, step_lr=None) -> dict:
         """Fill the pixels where `mask` is 0, keeping those where it is 1 (samplers with
-        `supports_inpainting`).
+        `stochastic`).
 
         `image` [N, H, W, C] in [0, 1]; `mask` of 0/1 with shape [N, H, W, C] or one that
         broadcasts to it ([H, W, C], [H, W, 1], [N, H, W, 1], ...); one seed per image. At every
@@ -171,7 +191,7 @@ class Sampler:
         the noise cos(θ_k)·z_a + sin(θ_k)·z_b with θ_k evenly spaced in [0, π/2], so it stays
         N(0, I) and chain 0 is exactly `sample(seeds_a)`. "samples" is [N, n_interpolations, ...].
         """
-        if not self.supports_interpolation:
+        if not self.stochastic:
             raise ValueError(f"the {self.name} sampler cannot interpolate: it draws no noise "
                              "after the first step, so every chain would be the same")
         if n_interpolations < 2:
@@ -223,13 +243,14 @@ class Sampler:
 
     def _sample_fn(self, seeds, data, n_steps_each, step_lr):
         x = self._init_fn(seeds, data)
-        out = self._run_levels_fn(x, seeds, 0, self.num_levels, None, None, n_steps_each,
+        out = self._run_levels_fn(x, seeds, 0, self.num_levels, None, None, None, n_steps_each,
                                   step_lr)
         out["samples"] = self._finish_fn(out["samples"], None, None)
+        out.pop("memory", None)
         return out
 
-    def _run_levels_fn(self, x, seeds, start_level, end_level, image, mask, n_steps_each,
-                       step_lr):
+    def _run_levels_fn(self, x, seeds, start_level, end_level, image, mask, memory,
+                       n_steps_each, step_lr):
         seeds = _check_seeds(seeds)
         x = self._check_examples(x, seeds, "x")
         levels_ok = (0 <= start_level) & (start_level <= end_level) & (
@@ -243,20 +264,28 @@ class Sampler:
 
         set_known = None
         if mask is not None:
-            if not self.supports_inpainting:
+            if not self.stochastic:
                 raise ValueError(f"the {self.name} sampler cannot inpaint: it is "
                                  "deterministic, and inpainting re-noises the known pixels "
                                  "at every step; use ald, cas or pc")
             image = self._check_examples(image, seeds, "image")
             set_known = functools.partial(_set_known, image, _check_mask(image, mask) > 0.5,
                                           seeds, self.shape)
-        return self._anneal(x, start_level, end_level, n_steps_each, step_lr, draw, set_known)
+        if self.uses_memory and memory is None:
+            memory = _checked(tf.zeros_like(x), tf.debugging.Assert(start_level == 0, [
+                f"the {self.name} sampler is multistep: continue a run from level",
+                start_level, "with the memory that the previous run_levels returned"]))
+        elif self.uses_memory:
+            memory = self._check_examples(memory, seeds, "memory")
+        return self._anneal(x, start_level, end_level, n_steps_each, step_lr, draw, set_known,
+                            memory if self.uses_memory else None)
 
     def _inpaint_fn(self, image, mask, seeds, n_steps_each, step_lr):
         x = self._init_fn(seeds, None)
-        out = self._run_levels_fn(x, seeds, 0, self.num_levels, image, mask, n_steps_each,
-                                  step_lr)
+        out = self._run_levels_fn(x, seeds, 0, self.num_levels, image, mask, None,
+                                  n_steps_each, step_lr)
         out["samples"] = self._finish_fn(out["samples"], image, mask)
+        out.pop("memory", None)
         return out
 
     def _interpolate_fn(self, n_interpolations, seeds_a, seeds_b, data, n_steps_each, step_lr):
@@ -276,7 +305,9 @@ class Sampler:
             return flat(z_a[:, None] * weights_a + z_b[:, None] * weights_b)
 
         x = tf.repeat(self._init_fn(seeds_a, data), k, axis=0)
-        out = self._anneal(x, 0, self.num_levels, n_steps_each, step_lr, draw, None)
+        memory = tf.zeros_like(x) if self.uses_memory else None
+        out = self._anneal(x, 0, self.num_levels, n_steps_each, step_lr, draw, None, memory)
+        out.pop("memory", None)
         out["samples"] = rows(self._finish_fn(out["samples"], None, None))
         if "trajectory" in out:
             frames = out["trajectory"]
@@ -295,7 +326,7 @@ class Sampler:
         return tf.cast(tf.convert_to_tensor(self.sigmas), tf.float32)
 
     def _anneal(self, x, start_level, end_level, n_steps_each, step_lr, draw_noise,
-                set_known) -> dict:
+                set_known, memory=None) -> dict:
         """The loop over global steps [start_level·S, end_level·S) as a while_loop, S steps
         per level."""
         n_steps_each = _checked(n_steps_each, tf.debugging.assert_greater_equal(
@@ -306,6 +337,8 @@ class Sampler:
         first, last = start_level * per_level, end_level * per_level
         every = self.trajectory_every
         state = {"x": x}
+        if memory is not None:
+            state["memory"] = memory
         if every:
             state["frames"] = tf.TensorArray(tf.float32, size=last // every - first // every,
                                              element_shape=x.shape)
@@ -320,9 +353,11 @@ class Sampler:
             if set_known is not None:
                 x = set_known(x, step, sigma)
             z = draw_noise(step)
-            x, grad, step_size = self._update(x, level, step % per_level, n_steps_each,
-                                              step_lr, z)
+            x, grad, step_size, memory = self._step(x, level, step % per_level, n_steps_each,
+                                                    step_lr, z, state.get("memory"))
             new = {"x": x}
+            if memory is not None:
+                new["memory"] = memory
             if every:
                 frames = state["frames"]
                 new["frames"] = tf.cond(
@@ -343,6 +378,8 @@ class Sampler:
 
         _, state = tf.while_loop(lambda step, _: step < last, body, (first, state))
         out = {"samples": state["x"]}
+        if "memory" in state:
+            out["memory"] = state["memory"]
         if every:
             frames = state["frames"]
             empty = tf.zeros(tf.concat([[0], tf.shape(x)], 0))  # a chunk shorter than `every`

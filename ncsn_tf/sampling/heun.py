@@ -28,18 +28,25 @@ class HeunODE(ContinuousSampler):
 
         x_0 = u + σ_0·z,  u ~ U[0, 1]^D
         for i = 0..N−1:
-            churn (optional): σ̂ = σ_i·(1 + γ), γ = min(churn/N, √2 − 1);
+            churn (optional): σ̂ = min(σ_i·(1 + γ), σ_0), γ = min(churn/N, √2 − 1);
                               x ← x + √(σ̂² − σ_i²)·z
             d = (x − D(x, σ̂))/σ̂;  x' = x + (σ_(i+1) − σ̂)·d
             if σ_(i+1) > 0:  d' = (x' − D(x', σ_(i+1)))/σ_(i+1);  x' = x + (σ_(i+1) − σ̂)·(d + d')/2
             x ← x'
 
-    Deterministic without churn: it cannot inpaint or interpolate by noise. NFE = 2N − 1.
+    σ̂ never exceeds σ_0 = σ_1 of the table: the network was never trained above it. Without
+    churn this is the probability-flow ODE, deterministic (it cannot inpaint or interpolate
+    by noise), and it follows the network's errors without correcting them: on the digits
+    quickstart models 42% of its images are noise at any N (12 to 100 steps give the same
+    images). NFE = 2N − 1.
     """
 
     name = "heun"
-    supports_inpainting = False
-    supports_interpolation = False
+    stochastic = False
+
+    @classmethod
+    def stochastic_with(cls, settings) -> bool:
+        return False
 
     def __init__(self, score_fn, sigma_max: float, sigma_min: float, shape: Sequence[int], *,
                  num_steps: int, rho: float = 7.0, churn: float = 0.0, **options):
@@ -56,7 +63,7 @@ class HeunODE(ContinuousSampler):
     def _update(self, x, level, substep, n_steps_each, step_lr, z):
         sigma = self._level_sigma(level)
         gamma = min(self.churn / self.num_levels, np.sqrt(2.0) - 1.0)
-        sigma_hat = sigma * (1.0 + gamma)
+        sigma_hat = tf.minimum(sigma * (1.0 + gamma), self._level_sigma(0))
         if gamma > 0:
             x = x + tf.sqrt(tf.square(sigma_hat) - tf.square(sigma)) * z
         next_sigma = self._next_sigma(level)
