@@ -10,13 +10,18 @@ images from the EMA weights, seeds i·N … i·N + N − 1, saved as `OUT/model<
 intervals: Fréchet distance, KID, precision, recall, broken-sample rate (the judge's "not a
 digit"), pixel-noise rate and confidence; a grid of the 32 least realistic samples beside
 each file. One JSON line per model and setting; then a Markdown table over the models (mean ±
-standard deviation across models; broken samples counted over all of them).
+standard deviation across models; broken samples counted over all of them; on how many models
+Fréchet distance, precision and recall are all inside ALD's bootstrap 95% intervals or
+better) and,
+with `--plot` (needs matplotlib), quality against NFE as a PNG. `--summarize=JSONL` redoes
+the table and plot from earlier lines.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -40,12 +45,15 @@ SETTINGS = {
     "heun_N25_churn": dict(sampler="heun", num_steps=25, churn=10.0),
     "heun_N18_churn40": dict(sampler="heun", num_steps=18, churn=40.0),
     "dpm_N12_ode": dict(sampler="dpm", num_steps=12, eta=0.0),  # DPM-Solver++(2M) itself
-    "dpm_N6": dict(sampler="dpm", num_steps=6, eta=5.0, s_noise=0.8),
-    "dpm_N8": dict(sampler="dpm", num_steps=8, eta=5.0, s_noise=0.8),
-    "dpm_N12": dict(sampler="dpm", num_steps=12, eta=5.0, s_noise=0.8),
-    "dpm_N25": dict(sampler="dpm", num_steps=25, eta=5.0, s_noise=0.8),
-    "dpm_N12_eta1": dict(sampler="dpm", num_steps=12, eta=1.0),
-    "dpm_N12_eta1.5_s0.8": dict(sampler="dpm", num_steps=12, eta=1.5, s_noise=0.8),
+    "dpm_N12_eta1_s1": dict(sampler="dpm", num_steps=12, eta=1.0, s_noise=1.0),
+    "dpm_N6": dict(sampler="dpm", num_steps=6),  # dpm's defaults (η 1.5, s_noise 0.8) at N
+    "dpm_N8": dict(sampler="dpm", num_steps=8),
+    "dpm_N12": dict(sampler="dpm", num_steps=12),  # dpm's default
+    "dpm_N25": dict(sampler="dpm", num_steps=25),
+    "dpm_N6_eta5": dict(sampler="dpm", num_steps=6, eta=5.0),
+    "dpm_N8_eta5": dict(sampler="dpm", num_steps=8, eta=5.0),
+    "dpm_N12_eta5": dict(sampler="dpm", num_steps=12, eta=5.0),
+    "dpm_N25_eta5": dict(sampler="dpm", num_steps=25, eta=5.0),
     "dpm_N12_eta5_s0.85": dict(sampler="dpm", num_steps=12, eta=5.0, s_noise=0.85),
 }
 METRICS = ("frechet_distance", "kid", "precision", "recall", "broken_rate", "noisy_rate",
@@ -73,38 +81,104 @@ def samples(workdir: str, fields: dict, first_seed: int, num_samples: int, path:
     return out, sampler.nfe(), rate
 
 
-def table(rows: list[dict]) -> str:
-    """Markdown: one row per setting, mean ± sd over the models, per-model values after."""
+def within_reference(row: dict, reference: dict) -> bool:
+    """Whether a setting is nowhere worse than the reference sampler beyond the reference's
+    bootstrap 95% interval on the same model: Fréchet distance at most its upper end,
+    precision and recall at least their lower ends (inside the interval or better)."""
+    return (row["frechet_distance"] <= reference["frechet_distance_ci"][1]
+            and row["precision"] >= reference["precision_ci"][0]
+            and row["recall"] >= reference["recall_ci"][0])
+
+
+def table(rows: list[dict], reference: str = "ald") -> str:
+    """Markdown: one row per setting, mean ± sd over the models; broken samples counted over
+    all of them; on how many models the setting is within the reference's intervals."""
+    refs = {r["model"]: r for r in rows if r["setting"] == reference}
     lines = ["| sampler | NFE | models | Fréchet distance | KID | precision | recall | "
-             "broken (of all samples) | confidence |", "|---|---|---|---|---|---|---|---|---|"]
+             f"broken (of all samples) | within {reference}'s 95% interval or better |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name in dict.fromkeys(r["setting"] for r in rows):
         group = [r for r in rows if r["setting"] == name]
 
-        def stat(key, digits=2, scale=1.0):
-            v = np.array([r[key] for r in group]) * scale
+        def stat(key, digits=2):
+            v = np.array([r[key] for r in group])
             sd = v.std(ddof=1) if len(v) > 1 else 0.0
             return f"{v.mean():.{digits}f} ± {sd:.{digits}f}"
 
         broken = sum(round(r["broken_rate"] * r["num_samples"]) for r in group)
         total = sum(r["num_samples"] for r in group)
+        inside = sum(within_reference(r, refs[r["model"]]) for r in group if r["model"] in refs)
         lines.append(f"| {name} | {group[0]['nfe']} | {len(group)} | {stat('frechet_distance')}"
                      f" | {stat('kid')} | {stat('precision', 3)} | {stat('recall', 3)} | "
-                     f"{broken}/{total} ({100 * broken / total:.1f}%) | "
-                     f"{stat('confidence', 3)} |")
+                     f"{broken}/{total} ({100 * broken / total:.2f}%) | {inside} of "
+                     f"{len(group)} models |")
     return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str, reference: str = "ald") -> None:
+    """Quality against NFE (log scale): Fréchet distance, precision, recall and the broken
+    rate, one line per sampler (mean over the models, bars: their range), the reference's
+    mean ± sd as a band."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    metrics = (("frechet_distance", "Fréchet distance (judge features)"),
+               ("precision", "precision"), ("recall", "recall"),
+               ("broken_rate", "broken images (%)"))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
+    by_sampler: dict[str, list[dict]] = {}  # one line per setting family: N varies along it
+    for r in rows:
+        by_sampler.setdefault(re.sub(r"_N\d+", "", r["setting"]), []).append(r)
+    for ax, (key, label) in zip(axes, metrics):
+        scale = 100.0 if key == "broken_rate" else 1.0
+        ref = np.array([r[key] for r in rows if r["setting"] == reference]) * scale
+        if len(ref):
+            ax.axhspan(ref.mean() - ref.std(), ref.mean() + ref.std(), color="0.85",
+                       label=f"{reference} (paper), mean ± sd")
+        for sampler, group in by_sampler.items():
+            points = {}
+            for r in group:
+                points.setdefault((r["nfe"], r["setting"]), []).append(r[key] * scale)
+            ordered = sorted(points.items())
+            nfe = [k[0] for k, _ in ordered]
+            mean = [np.mean(v) for _, v in ordered]
+            low = [max(np.mean(v) - np.min(v), 0.0) for _, v in ordered]
+            high = [max(np.max(v) - np.mean(v), 0.0) for _, v in ordered]
+            ax.errorbar(nfe, mean, yerr=[low, high], marker="o", capsize=3, label=sampler)
+        ax.set_xscale("log")
+        ax.set_xlabel("score evaluations per image (NFE)")
+        ax.set_title(label)
+        if key in ("frechet_distance", "broken_rate"):
+            ax.set_yscale("symlog", linthresh=1.0)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdirs", required=True,
+    parser.add_argument("--workdirs",
                         help="comma-separated trained digits workdirs (≥ 3 training seeds)")
+    parser.add_argument("--summarize", default=None, metavar="JSONL",
+                        help="only print the table (and --plot) of earlier JSON lines")
     parser.add_argument("--num_samples", type=int, default=2000)
     parser.add_argument("--settings", default=",".join(SETTINGS),
                         help=f"comma-separated names among: {', '.join(SETTINGS)}")
     parser.add_argument("--out", default="runs/samplers", help="samples and worst-sample grids")
     parser.add_argument("--bootstrap", type=int, default=200)
     parser.add_argument("--output", default=None, help="also append the JSON lines here")
+    parser.add_argument("--plot", default=None, help="also write the quality-against-NFE PNG")
     args = parser.parse_args(argv)
+    if args.summarize:
+        with open(args.summarize) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        print(table(rows))
+        if args.plot:
+            plot(rows, args.plot)
+        return
+    if not args.workdirs:
+        parser.error("--workdirs is required (or --summarize)")
     names = args.settings.split(",")
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:
@@ -128,6 +202,8 @@ def main(argv=None) -> None:
                 with open(args.output, "a") as f:
                     f.write(line + "\n")
     print(table(rows))
+    if args.plot:
+        plot(rows, args.plot)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from ncsn_tf import images as image_io, progress, sampling
+from ncsn_tf import checkpoints, images as image_io, progress, sampling
 
 
 class NonFiniteLossError(RuntimeError):
@@ -229,7 +229,12 @@ class Checkpointer(keras.callbacks.Callback):
             raise NonFiniteLossError(
                 f"Non-finite weights at step {self.step}; not writing a checkpoint. The latest "
                 f"checkpoint (step {self.last_saved}) is intact.")
-        path = self._save(self.step)
+        try:
+            path = self._save(self.step)
+        except checkpoints.DiskFullError as e:
+            raise checkpoints.DiskFullError(
+                f"{e}. The latest checkpoint (step {self.last_saved}) is intact: free space "
+                "and re-run the same command to resume from it.") from None
         self.last_saved = self.step
         logging.info("step %d  saved checkpoint %s", self.step, path)
 

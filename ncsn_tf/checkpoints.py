@@ -26,6 +26,7 @@ network of another shape fails with a clear error.
 """
 from __future__ import annotations
 
+import errno
 import os
 
 import keras
@@ -44,6 +45,10 @@ SET_ASIDE_DIR = "set_aside"
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be used: missing, unreadable, or written for something else."""
+
+
+class DiskFullError(CheckpointError):
+    """A save ran out of disk space (what it was writing is removed)."""
 
 
 class UnreadableCheckpointError(CheckpointError):
@@ -113,13 +118,26 @@ def save(manager: tf.train.CheckpointManager, step: int, keep_every: int = 0,
     writes a full copy to WORKDIR/checkpoints/kept/, and with `keep_ema` the EMA weights and
     step to WORKDIR/checkpoints/ema/; rotation deletes neither. Returns the prefix."""
     step = int(step)
-    # The parts that are kept forever first: a kill before the rotated save leaves a step
-    # that resumes from its kept copy (or is trained again), never one without its parts.
-    if keep_ema:
-        _write_ema(manager.checkpoint, manager.directory, step)
-    if keep_every and step % keep_every == 0:
-        _write(manager.checkpoint, os.path.join(manager.directory, KEPT_DIR, f"ckpt-{step}"))
-    return manager.save(checkpoint_number=step)
+    try:
+        # The parts that are kept forever first: a kill before the rotated save leaves a
+        # step that resumes from its kept copy (or is trained again), never one without them.
+        if keep_ema:
+            _write_ema(manager.checkpoint, manager.directory, step)
+        if keep_every and step % keep_every == 0:
+            _write(manager.checkpoint, os.path.join(manager.directory, KEPT_DIR, f"ckpt-{step}"))
+        return manager.save(checkpoint_number=step)
+    except (tf.errors.ResourceExhaustedError, OSError) as e:
+        if not isinstance(e, tf.errors.ResourceExhaustedError) and e.errno != errno.ENOSPC:
+            raise
+        for folder in (manager.directory, os.path.join(manager.directory, KEPT_DIR),
+                       os.path.join(manager.directory, EMA_DIR)):
+            for temp in tf.io.gfile.glob(os.path.join(folder, f"ckpt-{step}_temp*")):
+                if tf.io.gfile.isdir(temp):
+                    tf.io.gfile.rmtree(temp)
+                else:
+                    tf.io.gfile.remove(temp)
+        raise DiskFullError(f"Disk full while writing the checkpoint of step {step} in "
+                            f"{manager.directory} (its partial files are removed)") from None
 
 
 def _write_ema(checkpoint: tf.train.Checkpoint, directory: str, step: int) -> str:

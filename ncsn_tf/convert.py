@@ -20,7 +20,10 @@ released checkpoints) are read.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import pickle
+import sys
 from typing import Any, Mapping
 
 import keras
@@ -146,8 +149,42 @@ def official_to_config(tree: Mapping[str, Any]) -> presets.Config:
     for (section, key), field in _FIELDS.items():
         if key in (tree.get(section) or {}):
             default = getattr(getattr(config, presets.field_section(field)), field)
-            values[field] = type(default)(tree[section][key])  # e.g. sigma_begin: 50 → 50.0
+            values[field] = _coerce(tree[section][key], type(default), f"{section}.{key}")
     return presets.override(config, **values)
+
+
+_BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def _coerce(value: Any, kind: type, name: str) -> Any:
+    """An official setting as our field's type (sigma_begin: 50 → 50.0), refusing what would
+    change its meaning ('false' → True, ngf: 8.9 → 8)."""
+    bad = ValueError(f"Official config {name}: {value!r} is not a valid {kind.__name__}")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).strip().lower() in _BOOLEANS:
+            return _BOOLEANS[str(value).strip().lower()]
+        raise bad
+    if kind is int:
+        if isinstance(value, bool):
+            raise bad
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+        if not number.is_integer():
+            raise bad
+        return int(number)
+    if kind is float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+        if not math.isfinite(number):
+            raise bad
+        return number
+    return kind(value)
 
 
 def read_official_config(yml_path: str) -> presets.Config:
@@ -177,30 +214,59 @@ def _import_torch():
     return torch
 
 
-def _to_numpy(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    return {k.removeprefix("module."): v.detach().cpu().float().numpy()
-            for k, v in state.items()}
+def _to_numpy(state: Mapping[str, Any], pth_path: str) -> dict[str, np.ndarray]:
+    torch = _import_torch()
+    wrong = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if wrong:
+        raise ValueError(f"{pth_path}: not an official checkpoint: its state dict holds "
+                         f"non-tensor values ({', '.join(map(str, wrong[:5]))})")
+    out = {k.removeprefix("module."): v.detach().cpu().float().numpy()
+           for k, v in state.items()}
+    broken = [k for k, v in out.items() if not np.all(np.isfinite(v))]
+    if broken:
+        raise ValueError(f"{pth_path}: the weights hold NaN or Inf values ({', '.join(broken[:5])}"
+                         f"{', …' if len(broken) > 5 else ''}); the run had diverged. Convert "
+                         "an earlier checkpoint of it.")
+    return out
 
 
 def read_official_checkpoint(pth_path: str) -> OfficialCheckpoint:
     """Reads `[state_dict, optimizer, epoch, step(, ema_state)]` as written by the official
     trainer (any PyTorch version, including the legacy format of the released checkpoints)."""
     torch = _import_torch()
+    if not os.path.isfile(pth_path):
+        raise FileNotFoundError(f"--checkpoint={pth_path}: no such file (an official "
+                                "checkpoint.pth or checkpoint_N.pth)")
     try:
         states = torch.load(pth_path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"{pth_path}: not loadable with weights_only=True (it holds objects other than "
-            f"tensors and plain containers, which could run code): {e}") from e
+        if "Weights only load failed" in str(e) and "Unsupported global" in str(e):
+            raise ValueError(
+                f"{pth_path}: not loadable with weights_only=True (it holds objects other "
+                "than tensors and plain containers, which could run code); it was not "
+                "written by the official trainer") from None
+        raise ValueError(f"{pth_path}: not a PyTorch checkpoint, or truncated or corrupt "
+                         "(it does not unpickle)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"{pth_path}: not a PyTorch checkpoint, or truncated or corrupt "
+                         f"({(str(e).splitlines() or [type(e).__name__])[0][:200]})") from None
     if not (isinstance(states, (list, tuple)) and len(states) in (4, 5)
             and isinstance(states[0], Mapping)):
         raise ValueError(
             f"{pth_path}: expected the official training checkpoint, a list [state_dict, "
             f"optimizer, epoch, step, ema_state]; got {type(states).__name__}"
             + (f" of length {len(states)}" if isinstance(states, (list, tuple)) else ""))
-    ema = _to_numpy(states[4]) if len(states) == 5 else None
-    return OfficialCheckpoint(state=_to_numpy(states[0]), ema=ema, step=int(states[3]),
-                              epoch=int(states[2]))
+    try:
+        step, epoch = _coerce(states[3], int, "step"), _coerce(states[2], int, "epoch")
+    except ValueError:
+        raise ValueError(f"{pth_path}: its step and epoch ({states[3]!r}, {states[2]!r}) are "
+                         "not integers; not an official training checkpoint") from None
+    state = _to_numpy(states[0], pth_path)
+    if "sigmas" not in state:
+        raise ValueError(f"{pth_path}: its state dict lacks the `sigmas` buffer of an NCSNv2 "
+                         "network; not an official NCSNv2 checkpoint")
+    ema = _to_numpy(states[4], pth_path) if len(states) == 5 else None
+    return OfficialCheckpoint(state=state, ema=ema, step=step, epoch=epoch)
 
 
 def read_official_step(pth_path: str) -> int:
@@ -369,7 +435,10 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     f = flag_values
-    convert(f.checkpoint, f.config, f.output, ema=not f["no-ema"].value)
+    try:
+        convert(f.checkpoint, f.config, f.output, ema=not f["no-ema"].value)
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+        sys.exit(f"convert: {e}")
 
 
 if __name__ == "__main__":

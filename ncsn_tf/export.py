@@ -37,10 +37,14 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import glob
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
+import time
 from typing import Any, Callable
 
 import keras
@@ -255,6 +259,44 @@ def _is_local(path: str) -> bool:
     return "://" not in path
 
 
+_MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
+def check_model_name(model_name: str) -> str:
+    """`model_name` if it names one directory under the base path (not '.', '..', a path, an
+    absolute path, empty, or all digits, which TF Serving would take for a version)."""
+    if (not isinstance(model_name, str) or not _MODEL_NAME.fullmatch(model_name)
+            or model_name.isdigit() or set(model_name) == {"."}):
+        raise ValueError(f"model name {model_name!r} must be a plain, non-numeric directory "
+                         "name such as 'ncsn' (letters, digits, '_', '-', '.'; no '/', '..')")
+    return model_name
+
+
+def _temp_prefix() -> str:
+    return f"{_TEMP_PREFIX}{socket.gethostname()}-{os.getpid()}-"
+
+
+def remove_stale_temp_dirs(model_dir: str, max_age_s: float = 86_400.0) -> list[str]:
+    """Removes the staging folders that killed exports left in `model_dir`: those of a process
+    of this host that no longer runs, or older than `max_age_s`; never a running export's."""
+    removed = []
+    host = socket.gethostname()
+    for path in glob.glob(os.path.join(model_dir, _TEMP_PREFIX + "*")):
+        parts = os.path.basename(path)[len(_TEMP_PREFIX):].rsplit("-", 2)
+        dead = False
+        if len(parts) == 3 and parts[0] == host and parts[1].isdigit():
+            try:
+                os.kill(int(parts[1]), 0)
+            except ProcessLookupError:
+                dead = True
+            except PermissionError:
+                pass
+        if dead or time.time() - os.path.getmtime(path) > max_age_s:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def _write(module: ServingModule, export_dir: str, metadata: dict[str, Any]) -> None:
     tf.saved_model.save(module, export_dir, signatures=module.signature_functions())
     os.makedirs(os.path.join(export_dir, os.path.dirname(METADATA_FILE)), exist_ok=True)
@@ -299,10 +341,12 @@ def save_version(write: Callable[[str], None], model_dir: str) -> str:
     if _is_local(model_dir):
         os.makedirs(model_dir, exist_ok=True)
         staging_parent = model_dir  # same filesystem, so the final rename is atomic
+        for path in remove_stale_temp_dirs(model_dir):
+            logging.warning("Removed %s, left by an export that was killed.", path)
     else:
         tf.io.gfile.makedirs(model_dir)
         staging_parent = None
-    tmp_dir = tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=staging_parent)
+    tmp_dir = tempfile.mkdtemp(prefix=_temp_prefix(), dir=staging_parent)
     try:
         write(tmp_dir)
         if staging_parent is None:
@@ -320,9 +364,7 @@ def export(net: keras.Model, config: presets.Config, step: int, base_path: str,
     `settings` default to `ServingSettings.from_config(config)`. Returns the version
     directory. Raises ValueError for settings out of bounds or a bad model name.
     """
-    if not model_name or model_name != os.path.basename(model_name) or model_name.isdigit():
-        raise ValueError(f"--model_name={model_name!r} must be a plain, non-numeric directory "
-                         "name such as 'ncsn'")
+    check_model_name(model_name)
     if config.sampling.data_init:
         raise ValueError(
             "the config samples with data_init (starting from held-out images perturbed by "

@@ -77,8 +77,8 @@ class SamplingConfig:
     snr: float = 0.16  # pc: the corrector's signal-to-noise ratio
     rho: float = 7.0  # heun, dpm: spacing of the σ schedule
     churn: float = 0.0  # heun: stochastic churn (0: the deterministic ODE)
-    eta: float = 1.0  # dpm: noise of the SDE solver (0: the probability-flow ODE)
-    s_noise: float = 1.0  # dpm: scale of the injected noise (< 1: lower temperature)
+    eta: float = 1.5  # dpm: noise of the SDE solver (0: the probability-flow ODE)
+    s_noise: float = 0.8  # dpm: scale of the injected noise (< 1: lower temperature)
 
 
 @dataclasses.dataclass

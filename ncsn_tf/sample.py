@@ -209,6 +209,38 @@ def _check_flags(f) -> None:
         raise app.UsageError("--levels_per_call must be >= 1")
     if not f.out.lower().endswith(".png"):
         raise app.UsageError(f"--out={f.out} must be a .png file")
+    for name in ("out", "npz"):
+        if f[name].value:
+            _check_writable(f[name].value, f"--{name}")
+
+
+def _check_writable(path: str, flag: str) -> None:
+    """Refuses an output path that cannot be written, before any sampling (which it would
+    otherwise lose)."""
+    if tf.io.gfile.isdir(path):
+        raise app.UsageError(f"{flag}={path} is a directory; give a file name")
+    parent = os.path.dirname(path) or "."
+    probe = os.path.join(parent, f".ncsn_tf-write-test-{os.getpid()}")
+    try:
+        tf.io.gfile.makedirs(parent)
+        with tf.io.gfile.GFile(probe, "w") as f:
+            f.write("")
+        tf.io.gfile.remove(probe)
+    except (tf.errors.OpError, OSError) as e:
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise app.UsageError(f"{flag}={path} cannot be written ({detail}); choose another "
+                             "path. Nothing was sampled.") from None
+
+
+def _check_memory(num_images: int, shape: tuple) -> None:
+    """Refuses a request whose images alone would not fit in half of this machine's memory."""
+    needed = num_images * int(np.prod(shape))  # uint8
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > total // 2:
+        raise app.UsageError(
+            f"{num_images:,} images of {'x'.join(map(str, shape))} need {needed / 2**30:.1f} "
+            f"GiB to hold, more than half of this machine's {total / 2**30:.0f} GiB: sample "
+            "in parts (--seed=S --num_samples=N for consecutive ranges of seeds).")
 
 
 def _batches(n: int, size: int):
@@ -261,7 +293,10 @@ def _sample(f) -> None:
 
     source = f.workdir or f.checkpoint
     overrides = {k: f[k].value for k in _SAMPLER_FIELDS if f[k].value is not None}
-    _check_sampler_supports(f, presets.override(checkpoints.config_of(source), **overrides))
+    planned = presets.override(checkpoints.config_of(source), **overrides)
+    _check_sampler_supports(f, planned)
+    _check_memory(f.num_samples * (f.n_interpolations if f.interpolate else 1),
+                  (planned.data.image_size, planned.data.image_size, planned.data.channels))
     net, config, step = checkpoints.load(source, ema=not f.no_ema, precision=f.precision)
     config = presets.override(config, **overrides)
     config_flags.validate(config)

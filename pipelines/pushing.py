@@ -52,6 +52,7 @@ def push(model_dir: str, serving_base: str, model_name: str,
     `<serving_base>/<model_name>`, with `evaluation` recorded in it."""
     from ncsn_tf import checkpoints
 
+    export.check_model_name(model_name)
     net, config, step = checkpoints.load(model_dir, ema=True)
 
     def write(directory: str) -> None:

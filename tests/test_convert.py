@@ -244,3 +244,61 @@ def test_cli_writes_a_workdir_that_restores(tmp_path):
              "--no-ema")
     _, _, ema_net, _ = _restore_workdir(tmp_path / "live")
     _assert_matches(ema_net, ref, "scores_nchw")
+
+
+def _broken_checkpoints(tmp_path, torch):
+    """name -> (path, expected message) of official-looking files that are not usable."""
+    pth, _ = _paths("ncsnv2_28")
+    states = torch.load(pth, map_location="cpu", weights_only=True)
+    raw = pathlib.Path(pth).read_bytes()
+    cases = {}
+
+    def save(name, value):
+        torch.save(value, tmp_path / f"{name}.pth")
+        return str(tmp_path / f"{name}.pth")
+
+    (tmp_path / "random.pth").write_bytes(np.random.default_rng(0).bytes(3000))
+    cases["random bytes"] = (str(tmp_path / "random.pth"), "not a PyTorch checkpoint")
+    (tmp_path / "cut.pth").write_bytes(raw[:len(raw) // 2])
+    cases["truncated"] = (str(tmp_path / "cut.pth"), "truncated or corrupt")
+    cases["missing"] = (str(tmp_path / "none.pth"), "no such file")
+    cases["text step"] = (save("step", states[:3] + ["abc"] + states[4:]), "are not integers")
+    extra = {**states[0], "note": 3}
+    cases["non-tensor"] = (save("extra", [extra] + states[1:]), "non-tensor values (note)")
+    no_sigmas = {k: v for k, v in states[0].items() if "sigmas" not in k}
+    cases["no sigmas"] = (save("nosig", [no_sigmas] + states[1:]), "lacks the `sigmas`")
+    nan = dict(states[0])
+    first = next(k for k in nan if k.endswith("begin_conv.weight"))
+    nan[first] = nan[first] * float("nan")
+    cases["NaN weights"] = (save("nan", [nan] + states[1:]), "NaN or Inf values (begin_conv")
+    return cases
+
+
+def test_unusable_checkpoints_are_one_paragraph_errors(tmp_path):
+    """The CLI exits with one line naming the file and the problem, and writes nothing."""
+    torch = pytest.importorskip("torch", reason=TORCH_REASON)
+    _, yml = _paths("ncsnv2_28")
+    for name, (path, message) in _broken_checkpoints(tmp_path, torch).items():
+        with pytest.raises(SystemExit, match="^convert: ") as error:
+            _run_cli(f"--checkpoint={path}", f"--config={yml}", f"--output={tmp_path / 'out'}")
+        assert message in str(error.value), (name, str(error.value))
+        assert "could run code" not in str(error.value), name
+        assert not (tmp_path / "out").exists(), name
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("training.snapshot_sampling", "false", None),  # a string 'false' stays False
+    ("training.snapshot_sampling", "no", None),
+    ("training.snapshot_sampling", "maybe", "is not a valid bool"),
+    ("model.ngf", 8.9, "is not a valid int"),
+    ("model.ngf", "eight", "is not a valid int"),
+    ("model.sigma_begin", float("nan"), "is not a valid float"),
+])
+def test_official_settings_keep_their_meaning(key, value, message):
+    tree = _official_tree(**{key: value})
+    if message is None:
+        assert convert.official_to_config(tree).training.snapshot_sampling is False
+    else:
+        with pytest.raises(ValueError, match=message):
+            convert.official_to_config(tree)
+    assert convert.official_to_config(_official_tree(**{"model.ngf": 8.0})).model.ngf == 8

@@ -585,3 +585,8 @@ def test_checkpoint_models_sample_with_the_chosen_sampler(tmp_path):
     seeds = np.array([4, 7], np.int64)
     np.testing.assert_array_equal(model.sample_fn(seeds),
                                   image_io.to_uint8(pc.sample(seeds)["samples"]).numpy())
+    model = evaluation.load_checkpoint_model(workdir, {"sampler": "dpm", "num_steps": 3})
+    assert (model.sampler["sampler"], model.sampler["nfe"]) == ("dpm", 3)
+    dpm = sampling.for_network(net, presets.override(config, sampler="dpm", num_steps=3))
+    np.testing.assert_array_equal(model.sample_fn(seeds),
+                                  image_io.to_uint8(dpm.sample(seeds)["samples"]).numpy())

@@ -175,9 +175,45 @@ def test_settings_out_of_bounds_are_rejected_at_export(net, tmp_path):
         settings = dataclasses.replace(SETTINGS, **change)
         with pytest.raises(ValueError, match="Invalid export settings"):
             export.export(net, CONFIG, 0, str(tmp_path), "tiny", settings=settings)
-    with pytest.raises(ValueError, match="model_name"):
-        export.export(net, CONFIG, 0, str(tmp_path), "7", settings=SETTINGS)
     assert not os.path.exists(tmp_path / "tiny")
+
+
+@pytest.mark.parametrize("name", ["7", "..", ".", "", "a/b", "/abs", "../x", "a\\b", " x"])
+def test_model_names_that_leave_the_base_path_are_refused(net, tmp_path, name):
+    """One check for export and the pipeline's pusher: nothing is written anywhere."""
+    from pipelines import pushing
+    base = tmp_path / "base" / "inner"
+    with pytest.raises(ValueError, match="must be a plain, non-numeric directory name"):
+        export.export(net, CONFIG, 0, str(base), name, settings=SETTINGS)
+    with pytest.raises(ValueError, match="must be a plain, non-numeric directory name"):
+        pushing.push(str(tmp_path / "no-workdir"), str(base), name, {})
+    assert not (tmp_path / "base").exists()
+    assert export.check_model_name("ncsn-v2.1_b") == "ncsn-v2.1_b"
+
+
+def test_staging_folders_of_killed_exports_are_removed(tmp_path):
+    """Left by a process that is gone (same host, dead pid) or older than a day: removed at
+    the next export; a running export's folder is kept."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    model_dir = tmp_path / "m"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    host = socket.gethostname()
+    dead = model_dir / f"{export._TEMP_PREFIX}{host}-{gone}-abc"
+    running = model_dir / f"{export._TEMP_PREFIX}{host}-{os.getpid()}-def"
+    old = model_dir / f"{export._TEMP_PREFIX}elsewhere-1-ghi"
+    recent = model_dir / f"{export._TEMP_PREFIX}elsewhere-2-jkl"
+    for folder in (dead, running, old, recent):
+        os.makedirs(folder / "variables")
+    os.utime(old, (time.time() - 2 * 86_400,) * 2)
+    path = export.save_version(lambda d: open(os.path.join(d, "saved_model.pb"), "w").close(),
+                               str(model_dir))
+    assert path == str(model_dir / "1")
+    assert sorted(p.name for p in model_dir.iterdir()) == sorted(["1", running.name,
+                                                                  recent.name])
 
 
 def test_next_version(tmp_path):
@@ -371,6 +407,23 @@ def test_export_with_a_fast_sampler(net, tmp_path):
     filled = loaded.signatures["inpaint"](image=tf.constant(image), mask=tf.constant(mask),
                                           seed=_seeds(1))["images"].numpy()
     np.testing.assert_array_equal(filled[0, :8], image_io.to_uint8(image)[0, :8])
+
+
+def test_export_with_the_multistep_sampler(net, tmp_path):
+    """--sampler=dpm: serving_default equals the library's dpm run; with η > 0 inpaint uses dpm
+    itself, with η = 0 (the ODE, deterministic) it falls back to ald."""
+    config = presets.override(CONFIG, sampler="dpm", num_steps=4)
+    path = export.export(net, config, STEP, str(tmp_path), "dpm", settings=SETTINGS)
+    meta = export.read_metadata(path)
+    assert (meta["sampler"]["name"], meta["sampler"]["nfe"], meta["sampler"]["inpaint"]) == (
+        "dpm", 4, "dpm")
+    loaded = tf.saved_model.load(path)
+    images = loaded.signatures["serving_default"](seed=_seeds(3, 4))["images"]
+    dpm = sampling.for_network(net, config)
+    np.testing.assert_array_equal(images, image_io.to_uint8(dpm.sample(_seeds(3, 4))["samples"]))
+    ode = export.export(net, presets.override(config, eta=0.0), STEP, str(tmp_path), "ode",
+                        settings=SETTINGS)
+    assert export.read_metadata(ode)["sampler"]["inpaint"] == "ald"
 
 
 def test_cli_fixes_the_sampler_and_its_settings(net, tmp_path):

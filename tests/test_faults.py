@@ -176,3 +176,30 @@ def test_kill_9_during_saves_never_loses_a_snapshot_or_goes_back(tmp_path):
     for step in ema_steps:
         if step % 2 == 0:
             assert (directory / "kept" / f"ckpt-{step}.index").exists(), step
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs (needs the right to mount, as root in a container has)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)  # lazily: TF may hold a file
+
+
+def test_disk_full_stops_with_one_paragraph_and_leaves_no_partial_files(small_disk):
+    workdir = small_disk / "run"
+    with pytest.raises(SystemExit) as error:
+        run_cli(**{**FAST, "snapshot_freq": 1, "keep_every": 2}, workdir=workdir, n_iters=1000)
+    message = str(error.value)
+    assert "Disk full while writing the checkpoint of step" in message
+    latest = [s for s, _ in checkpoints.checkpoint_prefixes(
+        workdir, folders=(str(workdir / "checkpoints"),))][-1]
+    assert f"The latest checkpoint (step {latest}) is intact" in message
+    assert not glob.glob(str(workdir / "checkpoints" / "**" / "*_temp*"), recursive=True)
+    for _, prefix in checkpoints.checkpoint_prefixes(workdir):
+        checkpoints.verify(prefix)

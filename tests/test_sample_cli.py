@@ -208,6 +208,7 @@ def test_errors_are_one_line(workdir, tmp_path, args, message):
      "heun sampler cannot inpaint"),
     ("heun", ["--inpaint={tmp}/image.png", "--mask=center"], "heun sampler cannot inpaint"),
     ("heun", ["--interpolate"], "heun sampler cannot interpolate"),
+    ("dpm", ["--eta=0", "--interpolate"], "dpm sampler cannot interpolate"),
 ])
 def test_unsupported_requests_are_refused_before_the_model_loads(
         tmp_path, monkeypatch, config_sampler, args, message):
@@ -248,6 +249,38 @@ def test_official_checkpoint_from_the_importer(tmp_path):
     samples = np.load(tmp_path / "o.npz")["samples"]
     assert samples.dtype == np.uint8 and samples.shape == (2, 28, 28, 1)
     assert _png(tmp_path / "o.png").shape == (2 + 86, 2 * 86 + 2, 1)  # 28 px shown at 84
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out={tmp}/file.txt/o.png"], "--out={tmp}/file.txt/o.png cannot be written"),
+    (["--npz={tmp}"], "is a directory"),
+    (["--num_samples=10000000000"], "10,000,000,000 images of 16x16x1 need"),
+])
+def test_requests_that_would_fail_after_sampling_are_refused_first(
+        tmp_path, monkeypatch, args, message):
+    """An unwritable output or more images than memory holds: refused from config.yaml
+    alone, before the model loads (the sampling would otherwise be lost)."""
+    config = presets.override(presets.get("digits"), ngf=4, num_scales=3)
+    workdir = str(tmp_path / "w")
+    checkpoints.save_converted(workdir, config, models.build(config), models.build(config), 1)
+    (tmp_path / "file.txt").write_text("a file, not a folder")
+    monkeypatch.setattr(checkpoints, "load", lambda *_, **__: pytest.fail("model loaded"))
+    args = [a.format(tmp=tmp_path) for a in args]
+    with pytest.raises(SystemExit, match="^sample: ") as error:
+        run(f"--workdir={workdir}", f"--out={tmp_path}/o.png", *args)
+    assert message.format(tmp=tmp_path) in str(error.value)
+
+
+def test_multistep_sampler_in_chunks_matches_the_library(workdir, tmp_path, capsys):
+    """dpm through the CLI's one-level chunks (carrying its memory) gives the library's
+    one-graph images."""
+    run(f"--workdir={workdir}", "--sampler=dpm", "--num_steps=4", "--num_samples=2",
+        "--seed=3", f"--out={tmp_path}/d.png", f"--npz={tmp_path}/d.npz")
+    assert "with dpm: 4 score evaluations per image (4 levels)" in capsys.readouterr().err
+    net, config, _ = checkpoints.load(workdir)
+    dpm = sampling.for_network(net, presets.override(config, sampler="dpm", num_steps=4))
+    np.testing.assert_array_equal(np.load(tmp_path / "d.npz")["samples"],
+                                  image_io.to_uint8(dpm.sample([3, 4])["samples"]).numpy())
 
 
 def test_fast_sampler_prints_its_score_evaluations(workdir, tmp_path, capsys):

@@ -261,8 +261,10 @@ def test_inpainting_and_interpolation_where_supported():
 
 def test_bad_settings_are_clear_errors():
     score = gaussian_score()
-    with pytest.raises(ValueError, match="num_steps must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"num_steps must be an integer in \[1, 100,000\]"):
         HeunODE(score, 3.0, 0.01, (2,), num_steps=0)
+    with pytest.raises(ValueError, match=r"num_steps must be an integer in \[1, 100,000\]"):
+        HeunODE(score, 3.0, 0.01, (2,), num_steps=10**8)  # before any array is allocated
     with pytest.raises(ValueError, match=r"cas needs step_lr/sigma_min\^2 in \[1 - 1/gamma"):
         ConsistentAnnealed(score, 3.0, 0.01, (2,), num_steps=10, step_lr=1e-9)
     with pytest.raises(ValueError, match="snr must be > 0"):
@@ -276,7 +278,7 @@ def test_for_network_builds_the_configured_sampler():
                               step_lr=5e-5)  # η = 0.5, what cas needs on 12 levels
     keras.utils.set_random_seed(0)
     net = models.build(config)
-    expected = {"ald": 6 * 2 + 1, "cas": 12 + 1, "pc": 6 * 2, "heun": 2 * 18 - 1}
+    expected = {"ald": 6 * 2 + 1, "cas": 12 + 1, "pc": 6 * 2, "heun": 2 * 18 - 1, "dpm": 12}
     for name, cls in SAMPLERS.items():
         sampler = sampling.for_network(net, presets.override(config, sampler=name))
         assert isinstance(sampler, cls) and sampler.nfe() == expected[name], name

@@ -34,7 +34,11 @@ class ContinuousSampler(Sampler):
         return tf.where(level + 1 < self.num_levels, sigmas[following], 0.0)
 
 
+MAX_NUM_STEPS = 100_000  # far beyond any useful schedule; bounds the σ table's memory
+
+
 def check_num_steps(num_steps: int) -> int:
-    if int(num_steps) != num_steps or num_steps < 1:
-        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps}")
+    if int(num_steps) != num_steps or not 1 <= num_steps <= MAX_NUM_STEPS:
+        raise ValueError(f"num_steps must be an integer in [1, {MAX_NUM_STEPS:,}], got "
+                         f"{num_steps}")
     return int(num_steps)
