@@ -150,6 +150,7 @@ def plot(rows: list[dict], path: str, reference: str = "ald") -> None:
         ax.set_title(label)
         if key in ("frechet_distance", "broken_rate"):
             ax.set_yscale("symlog", linthresh=1.0)
+            ax.set_ylim(bottom=0.0)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

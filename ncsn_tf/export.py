@@ -297,11 +297,15 @@ def remove_stale_temp_dirs(model_dir: str, max_age_s: float = 86_400.0) -> list[
     return removed
 
 
-def _write(module: ServingModule, export_dir: str, metadata: dict[str, Any]) -> None:
+def _write(module: ServingModule, export_dir: str, metadata: dict[str, Any],
+           extra_files: dict[str, str]) -> None:
     tf.saved_model.save(module, export_dir, signatures=module.signature_functions())
-    os.makedirs(os.path.join(export_dir, os.path.dirname(METADATA_FILE)), exist_ok=True)
-    with open(os.path.join(export_dir, METADATA_FILE), "w", encoding="utf-8") as f:
-        yaml.safe_dump(metadata, f, sort_keys=False)
+    files = {METADATA_FILE: yaml.safe_dump(metadata, sort_keys=False), **extra_files}
+    for rel, text in files.items():
+        path = os.path.join(export_dir, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
 
 
 def _publish_local(tmp_dir: str, model_dir: str) -> str:
@@ -358,11 +362,13 @@ def save_version(write: Callable[[str], None], model_dir: str) -> str:
 
 def export(net: keras.Model, config: presets.Config, step: int, base_path: str,
            model_name: str, *, settings: ServingSettings | None = None,
-           checkpoint: str | None = None) -> str:
+           checkpoint: str | None = None, extra_files: dict[str, str] | None = None) -> str:
     """Exports `net` (use the EMA network) as `base_path/model_name/<next version>`.
 
-    `settings` default to `ServingSettings.from_config(config)`. Returns the version
-    directory. Raises ValueError for settings out of bounds or a bad model name.
+    `settings` default to `ServingSettings.from_config(config)`; `extra_files` maps paths
+    inside the version (e.g. under `assets.extra/`) to text written before the version
+    appears. Returns the version directory. Raises ValueError for settings out of bounds or
+    a bad model name.
     """
     check_model_name(model_name)
     if config.sampling.data_init:
@@ -389,7 +395,7 @@ def export(net: keras.Model, config: presets.Config, step: int, base_path: str,
         "signatures": list(SIGNATURES),
         "config": config.to_dict(),
     }
-    path = save_version(lambda directory: _write(module, directory, metadata),
+    path = save_version(lambda directory: _write(module, directory, metadata, extra_files or {}),
                         os.path.join(base_path, model_name))
     logging.info("Exported step %d to %s (signatures: %s)", step, path, ", ".join(SIGNATURES))
     return path

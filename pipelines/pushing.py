@@ -1,9 +1,9 @@
 """Pusher's work: a blessed model becomes the next version under TF Serving's model base path.
 
-`push` exports the EMA weights with `ncsn_tf.export` (signatures, metadata) and adds the
-Evaluator's metrics as `assets.extra/pipeline_evaluation.json`, inside the version directory
-and before it appears: the whole version is staged and renamed by `export.save_version`, so a
-server polling `<serving_base>/<model_name>/` never sees a model without its evaluation.
+`push` exports the EMA weights with `ncsn_tf.export` (signatures, metadata) with the
+Evaluator's metrics as an extra file, `assets.extra/pipeline_evaluation.json`: the whole version
+is staged and renamed at once, so a server polling `<serving_base>/<model_name>/` never sees a
+model without its evaluation.
 `latest` reads that record back: it is the baseline the next Evaluator compares with.
 """
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from typing import Any
 
 import tensorflow as tf
@@ -19,7 +18,6 @@ import tensorflow as tf
 from ncsn_tf import export
 
 EVALUATION_FILE = os.path.join("assets.extra", "pipeline_evaluation.json")
-_SCRATCH = ".export"  # inside the staging directory; non-numeric, so never taken for a version
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,16 +52,6 @@ def push(model_dir: str, serving_base: str, model_name: str,
 
     export.check_model_name(model_name)
     net, config, step = checkpoints.load(model_dir, ema=True)
-
-    def write(directory: str) -> None:
-        exported = export.export(net, config, step, directory, _SCRATCH, checkpoint=model_dir)
-        for name in os.listdir(exported):
-            os.rename(os.path.join(exported, name), os.path.join(directory, name))
-        shutil.rmtree(os.path.join(directory, _SCRATCH))
-        record = os.path.join(directory, EVALUATION_FILE)
-        os.makedirs(os.path.dirname(record), exist_ok=True)
-        with open(record, "w", encoding="utf-8") as f:
-            json.dump(evaluation, f, indent=2)
-
-    path = export.save_version(write, os.path.join(serving_base, model_name))
+    path = export.export(net, config, step, serving_base, model_name, checkpoint=model_dir,
+                         extra_files={EVALUATION_FILE: json.dumps(evaluation, indent=2)})
     return PushedModel(int(os.path.basename(path.rstrip("/"))), path, evaluation)

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-import tensorflow as tf
 
 from ncsn_tf import checkpoints, workdir_lock
 from test_train import REPO, _argv, _env, run_cli
@@ -54,7 +53,7 @@ def test_corrupt_latest_checkpoint_resumes_from_the_one_before(trained, tmp_path
     with pytest.raises(checkpoints.CheckpointError, match="Cannot read the checkpoint"):
         checkpoints.load(str(workdir / "checkpoints" / "kept" / "ckpt-8"), ema=False)
     before = {p: b for p, b in _files(workdir).items() if "ckpt-6" in p}
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="absl")
     assert run_cli(**FAST, workdir=workdir, n_iters=10) == 0
     assert f"Resumed from {workdir}/checkpoints/ckpt-6" in caplog.text
     # The unreadable files and the EMA snapshot the resumed run wrote again are set aside.

@@ -271,25 +271,17 @@ def test_requests_that_would_fail_after_sampling_are_refused_first(
     assert message.format(tmp=tmp_path) in str(error.value)
 
 
-def test_multistep_sampler_in_chunks_matches_the_library(workdir, tmp_path, capsys):
-    """dpm through the CLI's one-level chunks (carrying its memory) gives the library's
-    one-graph images."""
-    run(f"--workdir={workdir}", "--sampler=dpm", "--num_steps=4", "--num_samples=2",
-        "--seed=3", f"--out={tmp_path}/d.png", f"--npz={tmp_path}/d.npz")
-    assert "with dpm: 4 score evaluations per image (4 levels)" in capsys.readouterr().err
+@pytest.mark.parametrize("name, num_steps, nfe", [("heun", 3, 5), ("dpm", 4, 4)])
+def test_fast_sampler_prints_its_score_evaluations(workdir, tmp_path, capsys, name, num_steps,
+                                                   nfe):
+    """heun (2N − 1 score evaluations) and dpm (N; through the CLI's one-level chunks, which
+    carry its memory): the library's one-graph images for the same seeds."""
+    run(f"--workdir={workdir}", f"--sampler={name}", f"--num_steps={num_steps}",
+        "--num_samples=2", "--seed=3", f"--out={tmp_path}/s.png", f"--npz={tmp_path}/s.npz")
+    assert (f"with {name}: {nfe} score evaluations per image ({num_steps} levels)"
+            in capsys.readouterr().err)
     net, config, _ = checkpoints.load(workdir)
-    dpm = sampling.for_network(net, presets.override(config, sampler="dpm", num_steps=4))
-    np.testing.assert_array_equal(np.load(tmp_path / "d.npz")["samples"],
-                                  image_io.to_uint8(dpm.sample([3, 4])["samples"]).numpy())
-
-
-def test_fast_sampler_prints_its_score_evaluations(workdir, tmp_path, capsys):
-    """--sampler=heun --num_steps=3: 5 score evaluations per image (2N − 1), the library's
-    images for the same seeds."""
-    run(f"--workdir={workdir}", "--sampler=heun", "--num_steps=3", "--num_samples=2",
-        "--seed=3", f"--out={tmp_path}/h.png", f"--npz={tmp_path}/h.npz")
-    assert "with heun: 5 score evaluations per image (3 levels)" in capsys.readouterr().err
-    net, config, _ = checkpoints.load(workdir)
-    heun = sampling.for_network(net, presets.override(config, sampler="heun", num_steps=3))
-    np.testing.assert_array_equal(np.load(tmp_path / "h.npz")["samples"],
-                                  image_io.to_uint8(heun.sample([3, 4])["samples"]).numpy())
+    sampler = sampling.for_network(net, presets.override(config, sampler=name,
+                                                         num_steps=num_steps))
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npz")["samples"],
+                                  image_io.to_uint8(sampler.sample([3, 4])["samples"]).numpy())
