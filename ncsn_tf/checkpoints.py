@@ -34,7 +34,7 @@ import tensorflow as tf
 import yaml
 from absl import logging
 
-from ncsn_tf import models, presets
+from ncsn_tf import flags, models, presets
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
@@ -84,8 +84,7 @@ def read_config(workdir: str) -> presets.Config:
     if not tf.io.gfile.exists(path):
         raise FileNotFoundError(f"{path} not found: {workdir} is not an ncsn_tf workdir (train "
                                 "into it, or import an official checkpoint with ncsn_tf.convert)")
-    with tf.io.gfile.GFile(path) as f:
-        return presets.Config.from_dict(yaml.safe_load(f))
+    return presets.Config.from_dict(flags.read_yaml(path))
 
 
 def config_of(path: str) -> presets.Config:

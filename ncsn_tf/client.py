@@ -12,9 +12,12 @@ them as one grid. With `--n_steps_each`, `--step_lr` and `--denoise` it calls th
 from __future__ import annotations
 
 import base64
+import binascii
+import http.client
 import json
 import socket
 import sys
+import threading
 import urllib.error
 import urllib.request
 from typing import Any, Sequence
@@ -35,26 +38,61 @@ def model_url(host: str, model: str, version: int | None = None) -> str:
 
 def predict(host: str, model: str, body: dict[str, Any], *, version: int | None = None,
             timeout: float = 600.0) -> dict[str, Any]:
-    """POSTs a predict request body and returns the decoded JSON response."""
+    """POSTs a predict request body and returns the decoded JSON response. `timeout` bounds
+    the whole exchange (connecting, waiting and reading), not each read."""
+    if not timeout > 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout:g}")
     url = model_url(host, model, version)
+    outcome: dict[str, Any] = {}
+    worker = threading.Thread(target=_exchange, args=(url, body, timeout, outcome), daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():  # the thread is a daemon: it ends with the program
+        raise ServingError(f"{url} did not answer within {timeout:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["response"]
+
+
+def _exchange(url: str, body: dict[str, Any], timeout: float, outcome: dict[str, Any]) -> None:
+    """One request and its whole response; stores "response" or a ServingError as "error"."""
     request = urllib.request.Request(url, data=json.dumps(body).encode("utf-8"), method="POST",
                                      headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())
+            answered = response.geturl()
+            where = url if answered == url else f"{url} (redirected to {answered})"
+            raw = response.read()
+        outcome["response"] = json.loads(raw.decode("utf-8"))
     except urllib.error.HTTPError as e:
-        raise ServingError(f"{url} answered HTTP {e.code}: {_error_message(e)}") from None
+        where = url if e.geturl() in (None, url) else f"{e.geturl()} (redirected from {url})"
+        if 300 <= e.code < 400:
+            outcome["error"] = ServingError(
+                f"{where} answered HTTP {e.code}, a redirect to {e.headers.get('Location')}, "
+                "which a predict request (POST) does not follow: pass that address as --host")
+        else:
+            outcome["error"] = ServingError(
+                f"{where} answered HTTP {e.code}: {_error_message(e)}")
     except urllib.error.URLError as e:
         if isinstance(e.reason, (TimeoutError, socket.timeout)):
-            raise ServingError(f"{url} did not answer within {timeout:g} s") from None
-        raise ServingError(
-            f"Cannot connect to TF Serving at {url}: {e.reason}. Is tensorflow_model_server "
-            "running and serving REST on that port (--rest_api_port; 8501 in the "
-            "tensorflow/serving Docker image)?") from None
+            outcome["error"] = ServingError(f"{url} did not answer within {timeout:g} s")
+        else:
+            outcome["error"] = ServingError(
+                f"Cannot connect to TF Serving at {url}: {e.reason}. Is tensorflow_model_server "
+                "running and serving REST on that port (--rest_api_port; 8501 in the "
+                "tensorflow/serving Docker image)?")
     except (TimeoutError, socket.timeout):
-        raise ServingError(f"{url} did not answer within {timeout:g} s") from None
+        outcome["error"] = ServingError(f"{url} did not answer within {timeout:g} s")
+    except (http.client.HTTPException, ConnectionError) as e:  # cut short, closed, reset
+        outcome["error"] = ServingError(f"{url} closed the connection before a whole answer "
+                                        f"({type(e).__name__}: {e}); is a proxy or the "
+                                        "server's own limit cutting long requests?")
+    except UnicodeDecodeError as e:
+        outcome["error"] = ServingError(f"{where} answered with bytes that are not UTF-8 text "
+                                        f"(at byte {e.start}), not TF Serving's JSON")
     except json.JSONDecodeError as e:
-        raise ServingError(f"{url} answered with something that is not JSON: {e}") from None
+        outcome["error"] = ServingError(f"{where} answered with something that is not JSON: "
+                                        f"{e}")
 
 
 def _error_message(error: urllib.error.HTTPError) -> str:
@@ -64,6 +102,9 @@ def _error_message(error: urllib.error.HTTPError) -> str:
         return str(json.loads(text)["error"])
     except (ValueError, KeyError, TypeError):
         return text.strip() or error.reason
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def sample_pngs(host: str, model: str, seeds: Sequence[int], *,
@@ -78,13 +119,23 @@ def sample_pngs(host: str, model: str, seeds: Sequence[int], *,
         signature = "sample_with_settings"
     response = predict(host, model, {"signature_name": signature, "inputs": inputs},
                        version=version, timeout=timeout)
+    url = model_url(host, model, version)
     try:
         encoded = response["outputs"]["png_bytes"]
-        return [base64.b64decode(item["b64"]) for item in encoded]
+        pngs = [base64.b64decode(item["b64"], validate=True) for item in encoded]
     except (KeyError, TypeError) as e:
-        raise ServingError(f"Unexpected response from {model_url(host, model, version)}: no "
-                           f"base64 'png_bytes' output ({e!r}). Was the model exported by "
-                           "ncsn_tf.export?") from None
+        raise ServingError(f"Unexpected response from {url}: no base64 'png_bytes' output "
+                           f"({e!r}). Was the model exported by ncsn_tf.export?") from None
+    except (binascii.Error, ValueError) as e:
+        raise ServingError(f"{url} answered with an image that is not valid base64 ({e})"
+                           ) from None
+    if len(pngs) != len(seeds):
+        raise ServingError(f"{url} answered {len(pngs)} images for {len(seeds)} seeds")
+    for i, png in enumerate(pngs):
+        if not png.startswith(_PNG_SIGNATURE):
+            raise ServingError(f"{url} answered image {i} (seed {seeds[i]}) that is not a PNG "
+                               f"(it starts with {png[:8]!r})")
+    return pngs
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -104,7 +155,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                          "--step_lr and --denoise: uses sample_with_settings).", **fv)
     flags.DEFINE_float("step_lr", None, "Langevin step size (see --n_steps_each).", **fv)
     flags.DEFINE_boolean("denoise", None, "Final denoising step (see --n_steps_each).", **fv)
-    flags.DEFINE_float("timeout", 600.0, "Seconds to wait for each response.", **fv)
+    flags.DEFINE_float("timeout", 600.0, "Seconds a request may take in all (connecting, "
+                       "sampling and reading the answer); > 0.", **fv)
 
 
 def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -114,6 +166,8 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
             raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
         if f.num_samples < 1 or f.batch_size < 1:
             raise app.UsageError("--num_samples and --batch_size must be >= 1")
+        if not f.timeout > 0:
+            raise app.UsageError(f"--timeout={f.timeout:g} must be > 0 seconds")
         settings = {"n_steps_each": f.n_steps_each, "step_lr": f.step_lr,
                     "denoise": f.denoise}
         given = [k for k, v in settings.items() if v is not None]

@@ -41,6 +41,8 @@ LSUN_CATEGORIES = ("bedroom", "bridge", "church_outdoor", "classroom", "conferen
                    "dining_room", "kitchen", "living_room", "restaurant", "tower")
 VALID_FORMS = ("cifar10, mnist, celeb_a, lsun/<category> (category: "
                + ", ".join(LSUN_CATEGORIES) + "), digits, folder:PATH, tfrecord:GLOB")
+MAX_PIXELS = 4096 * 4096  # larger images are refused before decoding (memory)
+BAD_DATA = "Bad data: "  # starts the messages of data errors raised inside a pipeline
 _SHUFFLE_BUFFER = 10_000  # examples, for sources read from disk
 _SHUFFLE_BUFFER_BYTES = 1 << 30  # cap on the shuffle buffer's memory for large records
 _IN_MEMORY_SHUFFLE_BUFFER = 1 << 16  # covers all of CIFAR-10 / MNIST: a full shuffle
@@ -113,6 +115,11 @@ def _parse(dataset: str) -> tuple[str, str]:
             "`--tfrecords` or StyleGAN's dataset_tool.py), or a folder of images with "
             "--dataset=folder:PATH.")
     raise ValueError(f"Unknown dataset {dataset!r}. Valid forms: {VALID_FORMS}.")
+
+
+def check_dataset(dataset: str) -> None:
+    """Raises ValueError, listing the valid forms, for a `--dataset` no source can read."""
+    _parse(dataset)
 
 
 def _tfds_info(name: str) -> _TfdsDataset:
@@ -308,9 +315,46 @@ def _fit(image: tf.Tensor, size: int) -> tf.Tensor:
     return tf.ensure_shape(_center_crop(image, size, size), [size, size, None])
 
 
-def _decode(encoded: tf.Tensor, channels: int) -> tf.Tensor:
-    """PNG/JPEG/GIF (first frame)/BMP bytes -> uint8 [h, w, channels]; alpha is dropped."""
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+def _header_pixels(encoded: tf.Tensor) -> tf.Tensor:
+    """Width x height from a PNG/JPEG/GIF/BMP header without decoding; -1 for other bytes."""
+    def dims(offset, dtype, little_endian):
+        width = 8 if dtype == tf.int32 else 4
+        return tf.cast(tf.io.decode_raw(tf.strings.substr(encoded, offset, width), dtype,
+                                        little_endian=little_endian), tf.int64)
+
+    def starts(magic):
+        return tf.equal(tf.strings.substr(encoded, 0, len(magic)), magic)
+
+    long_enough = tf.strings.length(encoded) >= 26
+    hw = tf.case([
+        (tf.logical_not(long_enough), lambda: tf.constant([-1, 1], tf.int64)),
+        (starts(b"\x89PNG"), lambda: dims(16, tf.int32, False)),
+        (starts(b"GIF8"), lambda: dims(6, tf.uint16, True)),
+        (starts(b"BM"), lambda: tf.abs(dims(18, tf.int32, True))),
+        (starts(b"\xff\xd8"), lambda: tf.cast(tf.image.extract_jpeg_shape(encoded)[:2],
+                                               tf.int64)),
+    ], default=lambda: tf.constant([-1, 1], tf.int64))
+    return tf.reduce_prod(hw)
+
+
+def _decode(encoded: tf.Tensor, channels: int, name: Callable[[], tf.Tensor] | None = None
+            ) -> tf.Tensor:
+    """PNG/JPEG/GIF (first frame)/BMP bytes -> uint8 [h, w, channels]; alpha is dropped.
+
+    Bytes of another format, and images over MAX_PIXELS (a 12000x12000 PNG takes gigabytes),
+    fail before decoding, with a `BAD_DATA` message naming the image by `name()`."""
+    pixels = _header_pixels(encoded)
+
+    def refuse():
+        message = tf.strings.join([
+            BAD_DATA, name() if name else "an image", " is not a PNG/JPEG/GIF/BMP image or has "
+            f"over MAX_PIXELS = {MAX_PIXELS} pixels (header: ", tf.strings.as_string(pixels),
+            "). Re-write or remove it and re-run."])
+        return tf.debugging.Assert(False, [message])
+
+    check = tf.cond(tf.logical_and(pixels > 0, pixels <= MAX_PIXELS), tf.no_op, refuse)
+    with tf.control_dependencies([check]):
+        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
     return _to_channels(image, channels)
 
 
@@ -445,58 +489,63 @@ def _folder_source(root, config, split, pipelines, pipeline_id) -> _Source:
         log.warning("folder:%s: skipped %d file(s) that are not %s images by their extension, "
                     "e.g. %s", root, len(others), "/".join(IMAGE_EXTENSIONS), others[:3])
     paths = paths[pipeline_id::pipelines]
-    decode = _robust_decoder(config.data.image_size, config.data.channels,
+    channels = config.data.channels
+    decode = _robust_decoder(lambda path: _decode(tf.io.read_file(path), channels),
+                             config.data.image_size, channels,
                              _SkipLog(f"folder:{root}", total=len(paths)))
-    return _Source(tf.data.Dataset.from_tensor_slices(paths), decode, len(paths))
+    return _Source(tf.data.Dataset.from_tensor_slices((paths, paths)), decode, len(paths))
 
 
 class _SkipLog:
-    """Counts the files a pipeline could not decode and logs each one once. Fails when all
-    `total` files are unreadable, where a repeating pipeline would otherwise spin forever."""
+    """Counts the images a pipeline could not decode and logs each one once by name (a file,
+    or `file#record`). Fails when all `total` images are unreadable (when known), where a
+    repeating pipeline would otherwise spin forever."""
 
-    def __init__(self, source: str, total: int):
+    def __init__(self, source: str, total: int | None):
         self.source = source
         self.total = total
         self.skipped: set[str] = set()
         self._lock = threading.Lock()
 
-    def __call__(self, path: tf.Tensor) -> bool:
-        path = path.numpy().decode("utf-8", "replace")
+    def __call__(self, name: tf.Tensor) -> bool:
+        name = name.numpy().decode("utf-8", "replace")
         with self._lock:
-            new = path not in self.skipped
-            self.skipped.add(path)
+            new = name not in self.skipped
+            self.skipped.add(name)
             count = len(self.skipped)
         if new:
-            log.warning("%s: skipped unreadable image %s (%d skipped so far)",
-                        self.source, path, count)
+            log.warning("%s: skipped %s: not a readable PNG/JPEG/GIF/BMP image, or over %d "
+                        "pixels (%d skipped so far)", self.source, name, MAX_PIXELS, count)
         if count == self.total:
             raise MissingDataError(f"{self.source}: none of its {count} image files could be "
-                                   "decoded.")
+                                   f"decoded (e.g. {name}).")
         return False
 
 
-def _robust_decoder(size: int, channels: int, skip_log: _SkipLog):
-    """paths -> images, where files that fail to read or decode are dropped and reported.
+def _robust_decoder(decode: Callable[[tf.Tensor], tf.Tensor], size: int, channels: int,
+                    skip_log: _SkipLog):
+    """(payload, name) pairs -> images, where payloads that fail to read or decode are
+    dropped and reported by name.
 
-    Each file is decoded in its own tiny dataset whose errors are ignored, followed by a
+    Each payload is decoded in its own tiny dataset whose errors are ignored, followed by a
     placeholder marked invalid: taking the first element tells success from failure
-    without stopping the pipeline, and the failure keeps its path for the log.
+    without stopping the pipeline, and the failure keeps its name for the log.
     """
     placeholder = tf.data.Dataset.from_tensors((tf.zeros([size, size, channels], tf.uint8),
                                                 tf.constant(False)))
 
-    def attempt(path):
-        decoded = tf.data.Dataset.from_tensors(path).map(
-            lambda p: (_fit(_decode(tf.io.read_file(p), channels), size), tf.constant(True)))
+    def attempt(payload, name):
+        decoded = tf.data.Dataset.from_tensors(payload).map(
+            lambda p: (_fit(decode(p), size), tf.constant(True)))
         return (decoded.ignore_errors().concatenate(placeholder).take(1)
-                .map(lambda image, ok: (image, ok, path)))
+                .map(lambda image, ok: (image, ok, name)))
 
-    def keep(image, ok, path):
+    def keep(image, ok, name):
         return tf.cond(ok, lambda: tf.constant(True),
-                       lambda: tf.reshape(tf.py_function(skip_log, [path], tf.bool), []))
+                       lambda: tf.reshape(tf.py_function(skip_log, [name], tf.bool), []))
 
-    return lambda paths: (paths.interleave(attempt, num_parallel_calls=AUTOTUNE)
-                          .filter(keep).map(lambda image, ok, path: image))
+    return lambda pairs: (pairs.interleave(attempt, num_parallel_calls=AUTOTUNE)
+                          .filter(keep).map(lambda image, ok, name: image))
 
 
 # ---- TFRecords ----
@@ -508,45 +557,92 @@ def _tfrecord_source(pattern, config, split, training, key, pipelines, pipeline_
     first = next(iter(tf.data.TFRecordDataset(files).take(1)), None)
     if first is None:
         raise MissingDataError(f"The TFRecord files matching {pattern!r} hold no records.")
-    parse = _record_parser(first.numpy(), pattern, config.data.image_size, config.data.channels)
+    size, channels = config.data.image_size, config.data.channels
+    parse = _record_parser(first.numpy(), pattern, channels)
 
+    sizes = [tf.io.gfile.stat(f).length for f in files]
     if pipelines > 1 and len(files) >= pipelines:
-        files = files[pipeline_id::pipelines]
-    file_ds = tf.data.Dataset.from_tensor_slices(files)
+        files, sizes = files[pipeline_id::pipelines], sizes[pipeline_id::pipelines]
+    file_ds = tf.data.Dataset.from_tensor_slices((files, np.asarray(sizes, np.int64)))
     if training and len(files) > 1:
         file_ds = file_ds.shuffle(len(files), seed=key, reshuffle_each_iteration=True)
     # Training mixes up to 16 files at a time; evaluation reads them one after another.
-    records = file_ds.interleave(tf.data.TFRecordDataset,
-                                 cycle_length=min(len(files), 16) if training else 1,
+    records = file_ds.interleave(_whole_file, cycle_length=min(len(files), 16) if training else 1,
                                  num_parallel_calls=AUTOTUNE)
     if pipelines > 1 and len(files) < pipelines:
         records = records.shard(pipelines, pipeline_id)
     test = split == "test"
     records = records.filter(
-        lambda r: tf.equal(tf.strings.to_hash_bucket_fast(r, TEST_BUCKETS) == 0, test))
+        lambda r, path, index: tf.equal(tf.strings.to_hash_bucket_fast(r, TEST_BUCKETS) == 0,
+                                        test))
     buffer = int(np.clip(_SHUFFLE_BUFFER_BYTES // len(first.numpy()), 1000, _SHUFFLE_BUFFER))
-    return _Source(records, lambda ds: ds.map(parse, num_parallel_calls=AUTOTUNE), buffer)
+
+    def decode(record, path, index):
+        return _fit(parse(record, lambda: tf.strings.join(
+            ["record ", tf.strings.as_string(index), " of ", path])), size)
+
+    return _Source(records, lambda ds: ds.map(decode, num_parallel_calls=AUTOTUNE), buffer)
 
 
-def _record_parser(first: bytes, pattern: str, size: int, channels: int):
-    """A function serialized Example -> uint8 image, for the layout of the `first` record."""
+def _whole_file(path: tf.Tensor, size: tf.Tensor) -> tf.data.Dataset:
+    """(record, path, index) of one TFRecord file; fails naming the file where it is cut
+    short or corrupt. (TFRecordDataset alone reads a cut header as the end of the file, and
+    reports a bad checksum without the file's name.) Its bytes are counted against its size."""
+    ending = tf.data.Dataset.from_tensors((tf.constant(b""), tf.constant(True)))
+    records = (tf.data.TFRecordDataset(path).ignore_errors()
+               .map(lambda record: (record, tf.constant(False))).concatenate(ending))
+
+    def count(state, element):
+        offset, index = state
+        record, last = element
+
+        def refuse():
+            message = tf.strings.join([
+                BAD_DATA, "TFRecord file ", path, " is cut short or corrupt after record ",
+                tf.strings.as_string(index), " (byte ", tf.strings.as_string(offset), " of ",
+                tf.strings.as_string(size), "). Re-write or remove it and re-run."])
+            return tf.debugging.Assert(False, [message])
+
+        whole = tf.logical_or(tf.logical_not(last), tf.equal(offset, size))
+        with tf.control_dependencies([tf.cond(whole, tf.no_op, refuse)]):
+            # Each record is framed by a length (8 bytes) and two checksums (4 + 4).
+            step = tf.cast(tf.strings.length(record), tf.int64) + 16
+        return (offset + step, index + 1), (record, index, last)
+
+    zero = tf.constant(0, tf.int64)
+    return (records.scan((zero, zero), count).filter(lambda record, index, last: ~last)
+            .map(lambda record, index, last: (record, path, index)))
+
+
+def bad_data_message(error: tf.errors.OpError) -> str | None:
+    """The message of a data error raised inside a pipeline (see `BAD_DATA`), or None when
+    `error` is something else."""
+    start = error.message.find(BAD_DATA)
+    if start < 0:
+        return None
+    end = error.message.find("re-run.", start)
+    return error.message[start + len(BAD_DATA):end + len("re-run.") if end >= 0 else None]
+
+
+def _record_parser(first: bytes, pattern: str, channels: int):
+    """A function serialized Example -> uint8 image (any size), for the layout of `first`."""
     keys = set(tf.train.Example.FromString(first).features.feature)
     for image_key in ("image", "image/encoded"):
         if image_key in keys:
             spec = {image_key: tf.io.FixedLenFeature([], tf.string)}
-            return lambda r: _fit(_decode(tf.io.parse_single_example(r, spec)[image_key],
-                                          channels), size)
+            return lambda r, name: _decode(tf.io.parse_single_example(r, spec)[image_key],
+                                           channels, name)
     if {"shape", "data"} <= keys:
         spec = {"shape": tf.io.FixedLenFeature([3], tf.int64),
                 "data": tf.io.FixedLenFeature([], tf.string)}
 
-        def parse_raw(record):
+        def parse_raw(record, name):
             example = tf.io.parse_single_example(record, spec)
             chw = tf.reshape(tf.io.decode_raw(example["data"], tf.uint8), example["shape"])
             image = tf.transpose(chw, [1, 2, 0])
             image = tf.cond(tf.shape(image)[-1] == 1, lambda: tf.image.grayscale_to_rgb(image),
                             lambda: image[..., :3])
-            return _fit(_to_channels(tf.ensure_shape(image, [None, None, 3]), channels), size)
+            return _to_channels(tf.ensure_shape(image, [None, None, 3]), channels)
 
         return parse_raw
     raise ValueError(f"Unrecognised TFRecord layout in {pattern!r}: features {sorted(keys)}. "

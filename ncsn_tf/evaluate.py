@@ -35,7 +35,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-from ncsn_tf import checkpoints, data, inception, presets
+from ncsn_tf import checkpoints, cli, data, export, inception, presets
 from ncsn_tf import flags as config_flags
 from ncsn_tf import images as image_io
 from ncsn_tf.evaluation import (SWEEP_CSV, SWEEP_LOGDIR, ManifoldMetrics, Statistics,
@@ -252,7 +252,20 @@ def _evaluate_samples(f) -> dict[str, Any]:
     return results
 
 
+# Kept per sampled image: its pool features (2048) and logits (1008) as float32.
+_FEATURE_BYTES = 4 * (2048 + 1008)
+
+
 def _evaluate_model(f) -> dict[str, Any]:
+    num_samples = f.num_samples or DEFAULT_NUM_SAMPLES["model"]
+    image_bytes = 0
+    if f.save_samples:
+        planned = (presets.Config.from_dict(export.read_metadata(f.saved_model)["config"])
+                   if f.saved_model else checkpoints.config_of(f.workdir or f.checkpoint))
+        image_bytes = planned.data.image_size ** 2 * planned.data.channels * 4  # float32
+    cli.check_memory(num_samples, _FEATURE_BYTES + image_bytes,
+                     "evaluate fewer --num_samples (FID's bias at 10,000 is small next to its "
+                     "spread between runs), or save the samples in parts with ncsn_tf.sample.")
     feature_net = inception.load_feature_network(f.inception, cache_dir=f.cache_dir)
     overrides = _config_overrides(f)
     if f.saved_model:
@@ -271,8 +284,7 @@ def _evaluate_model(f) -> dict[str, Any]:
     keep = [] if f.save_samples or f.nn_k else None  # all images to save, else a few for nn
     results = model_fid_is(
         model, feature_net, ref_stats, seed=seed,
-        num_samples=f.num_samples or DEFAULT_NUM_SAMPLES["model"],
-        batch_size=f.sampling_batch_size, eval_batch_size=f.eval_batch_size, splits=f.splits,
+        num_samples=num_samples, batch_size=f.sampling_batch_size, eval_batch_size=f.eval_batch_size, splits=f.splits,
         keep=keep, keep_images=None if f.save_samples else f.nn_samples, manifold=manifold)
     results["reference"] = reference
     _save_worst(f, manifold, results)

@@ -146,12 +146,14 @@ class ServingModule(tf.Module):
 
     # ---- signatures ----
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.int64, name="seed")])
+    # Inputs are declared without a rank and checked in the graph, so that a request of the
+    # wrong shape gets a message saying which shape is expected, whoever calls the signature.
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.int64, name="seed")])
     def serving_default(self, seed):
         seed = self._check_seeds(seed)
         return _image_outputs(self._default.sample(seed)["samples"])
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.int64, name="seed"),
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.int64, name="seed"),
                                   tf.TensorSpec([], tf.int32, name="n_steps_each"),
                                   tf.TensorSpec([], tf.float32, name="step_lr"),
                                   tf.TensorSpec([], tf.bool, name="denoise")])
@@ -165,38 +167,36 @@ class ServingModule(tf.Module):
                     lambda: self._samplers[False].finish(x["samples"]))
         return _image_outputs(x)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, None], tf.float32,
-                                                name="image"),
-                                  tf.TensorSpec([None, None, None, None], tf.float32,
-                                                name="mask"),
-                                  tf.TensorSpec([None], tf.int64, name="seed")])
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.float32, name="image"),
+                                  tf.TensorSpec(None, tf.float32, name="mask"),
+                                  tf.TensorSpec(None, tf.int64, name="seed")])
     def inpaint(self, image, mask, seed):
         image = self._check_images(image, "image")
         image = _check_request(image, tf.reduce_all((image >= 0.0) & (image <= 1.0)),
                          "image values must be in [0, 1] (float32; divide uint8 pixels by 255)")
         n = tf.shape(image)[0]
-        seed = _check_request(seed, tf.size(seed) == n,
-                        "inpaint needs one seed per image; got seeds, images:", tf.size(seed), n)
+        seed = _check_request(seed, (tf.rank(seed) == 1) & (tf.size(seed) == n),
+                              "inpaint needs a list of seeds, one per image (shape [N]); got "
+                              "seeds of shape, images:", tf.shape(seed), n, shape=[None])
         h, w, c = self.image_shape
         mask_shape = tf.shape(mask)
-        mask = _check_request(mask, tf.reduce_all(mask_shape[:3] == tf.stack([n, h, w]))
-                        & ((mask_shape[3] == 1) | (mask_shape[3] == c)),
-                        f"mask must have shape [N, {h}, {w}, 1] or [N, {h}, {w}, {c}] for N "
-                        "images; got shape", mask_shape)
+        mask = _check_request(mask, _shape_is(mask_shape, [n, h, w, 1])
+                              | _shape_is(mask_shape, [n, h, w, c]),
+                              f"mask must have shape [N, {h}, {w}, 1] or [N, {h}, {w}, {c}] for "
+                              "N images (1 where the pixel is kept); got shape", mask_shape)
         mask = tf.ensure_shape(tf.broadcast_to(mask, tf.shape(image)), [None, h, w, c])
         return _image_outputs(self._inpainter.inpaint(image, mask, seed)["samples"])
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, None], tf.float32,
-                                                name="x"),
-                                  tf.TensorSpec([None], tf.int32, name="noise_level")])
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.float32, name="x"),
+                                  tf.TensorSpec(None, tf.int32, name="noise_level")])
     def score(self, x, noise_level):
         x = self._check_images(x, "x")
         n = tf.shape(x)[0]
         noise_level = _check_request(
-            noise_level, (tf.size(noise_level) == n)
+            noise_level, (tf.rank(noise_level) == 1) & (tf.size(noise_level) == n)
             & tf.reduce_all((noise_level >= 0) & (noise_level < self.num_levels)),
-            f"noise_level must hold one index in [0, {self.num_levels}) per image; got",
-            noise_level)
+            f"noise_level must be a list of one index in [0, {self.num_levels}) per image "
+            "(shape [N]); got", noise_level, shape=[None])
         return {"score": self._samplers[True].score_fn(x, noise_level)}
 
     # ---- request checks: InvalidArgument with a message, before any work is done ----
@@ -204,8 +204,10 @@ class ServingModule(tf.Module):
     def _check_seeds(self, seed):
         limit = self.settings.max_batch
         n = tf.size(seed)
-        return _check_request(seed, (n >= 1) & (n <= limit),
-                        f"seed must hold 1 to {limit} seeds (one image per seed); got", n)
+        return _check_request(seed, (tf.rank(seed) == 1) & (n >= 1) & (n <= limit),
+                              f"seed must be a list of 1 to {limit} seeds, one image per seed "
+                              "(shape [N], e.g. [0, 1, 2]); got shape", tf.shape(seed),
+                              shape=[None])
 
     def _check_settings(self, n_steps_each, step_lr):
         limit = self.settings.max_n_steps_each
@@ -220,21 +222,36 @@ class ServingModule(tf.Module):
         h, w, c = self.image_shape
         limit = self.settings.max_batch
         shape = tf.shape(images)
-        images = _check_request(images, tf.reduce_all(shape[1:] == [h, w, c])
-                          & (shape[0] >= 1) & (shape[0] <= limit),
-                          f"{name} must have shape [N, {h}, {w}, {c}] with 1 <= N <= {limit}; "
-                          "got shape", shape)
-        return tf.ensure_shape(images, [None, h, w, c])
+        return _check_request(images, _shape_is(shape, [None, h, w, c])
+                              & (tf.size(images) > 0) & (tf.size(images) <= limit * h * w * c),
+                              f"{name} must have shape [N, {h}, {w}, {c}] with 1 <= N <= "
+                              f"{limit}; got shape", shape, shape=[None, h, w, c])
 
     def signature_functions(self) -> dict[str, tf.types.experimental.ConcreteFunction]:
         return {name: getattr(self, name).get_concrete_function() for name in SIGNATURES}
 
 
-def _check_request(value, condition, message: str, *data):
-    """`value`, after an in-graph check that fails with InvalidArgument(message, data)."""
+def _shape_is(shape: tf.Tensor, expected: list) -> tf.Tensor:
+    """Whether the 1-D `shape` is `expected` (ints, scalar tensors, or None for any size),
+    without indexing past the end of a shape of another rank."""
+    def same():
+        return tf.reduce_all(tf.stack([tf.equal(shape[i], d) for i, d in enumerate(expected)
+                                       if d is not None]))
+    return tf.cond(tf.equal(tf.size(shape), len(expected)), same, lambda: tf.constant(False))
+
+
+def _check_request(value, condition, message: str, *data, shape: list | None = None):
+    """`value`, after an in-graph check that fails with InvalidArgument(message, data); with
+    `shape` (None: any size), reshaped to it only where `condition` holds, so that no shape
+    error can come before the message (TensorFlow does not order EnsureShape after it)."""
     with tf.control_dependencies([tf.debugging.Assert(condition, [message, *data],
                                                       summarize=16)]):
-        return tf.identity(value)
+        if shape is None:
+            return tf.identity(value)
+        target = [-1 if d is None else d for d in shape]
+        empty = [0 if d is None else d for d in shape]
+        return tf.cond(condition, lambda: tf.reshape(value, target),
+                       lambda: tf.zeros(empty, value.dtype))
 
 
 def _image_outputs(samples):

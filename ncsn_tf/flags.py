@@ -14,6 +14,7 @@ ones winning:
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any
@@ -103,7 +104,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 # Lower bounds: (bound, inclusive). Checked after all layers are merged (`validate`).
 _MINIMUM: dict[str, tuple[float, bool]] = {
-    "image_size": (1, True), "channels": (1, True), "ngf": (1, True), "num_scales": (1, True),
+    "image_size": (1, True), "channels": (1, True), "ngf": (1, True), "num_scales": (2, True),
     "sigma_begin": (0, False), "sigma_end": (0, False), "ema_rate": (0, True),
     "lr": (0, False), "beta1": (0, True), "beta2": (0, True), "adam_eps": (0, False),
     "weight_decay": (0, True), "grad_clip": (0, True),
@@ -217,17 +218,44 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> presets.Co
     return resolve_config(flag_values.preset, flag_values.config, overrides)
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """Safe YAML without anchors/aliases: a config never needs them, and a few hundred bytes
+    of nested aliases expand to gigabytes (the "billion laughs")."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError(f"aliases (*name) are not allowed in a config file"
+                                 f"{self.peek_event().start_mark}")
+        return super().compose_node(parent, index)
+
+
+_MAX_CONFIG_BYTES = 1 << 20
+
+
 def read_yaml(path: str) -> dict[str, Any]:
     """A config file as a dict; a clear error for anything but a mapping of sections."""
     import tensorflow as tf  # gfile reads local paths and gs:// alike
 
     if not tf.io.gfile.exists(path):
         raise FileNotFoundError(f"--config file {path} does not exist")
-    with tf.io.gfile.GFile(path) as f:
-        data = yaml.safe_load(f) or {}
+    if tf.io.gfile.isdir(path):
+        raise ValueError(f"--config={path} is a directory; pass a YAML file such as "
+                         f"{path.rstrip('/')}/config.yaml")
+    with tf.io.gfile.GFile(path, "rb") as f:
+        raw = f.read(_MAX_CONFIG_BYTES + 1)
+    if len(raw) > _MAX_CONFIG_BYTES:
+        raise ValueError(f"Config file {path} is over {_MAX_CONFIG_BYTES >> 20} MiB; a config "
+                         "is a few hundred bytes of YAML. Is this the right file?")
+    try:
+        data = yaml.load(raw.decode("utf-8"), Loader=_NoAliasLoader) or {}
+    except UnicodeDecodeError as error:
+        raise ValueError(f"Config file {path} is not UTF-8 text ({error.reason} at byte "
+                         f"{error.start}); is it a YAML file?") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"Config file {path} is not valid YAML: {error}") from None
     if not isinstance(data, dict):
         raise ValueError(f"Config file {path} must hold a mapping such as 'training: "
-                         "{batch_size: 64}', not {type(data).__name__}")
+                         f"{{batch_size: 64}}', not a {type(data).__name__}")
     for key, value in data.items():
         if key != "name" and not isinstance(value, dict):
             raise ValueError(f"Config file {path}: {key!r} must be one of the sections "
@@ -247,8 +275,12 @@ def validate(config: presets.Config) -> None:
                                      or not isinstance(value, (int, float))):
             problems.append(f"--{field}={value!r} must be a number")
             continue
-        if kind is int and isinstance(value, float) and not value.is_integer():
+        if kind is int and isinstance(value, float):
             problems.append(f"--{field}={value!r} must be an integer")
+            continue
+        if kind is float and not math.isfinite(value):
+            problems.append(f"--{field}={value!r} must be a finite number")
+            continue
         if kind is bool and not isinstance(value, bool):
             problems.append(f"--{field}={value!r} must be true or false")
         if kind is str and not isinstance(value, str):

@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from ncsn_tf import data, images, presets, progress, sampling
+from ncsn_tf import cli, data, images, presets, progress, sampling
 from ncsn_tf import flags as config_flags
 
 NAMED_MASKS = ("right_half", "bottom_half", "center")
@@ -232,17 +232,6 @@ def _check_writable(path: str, flag: str) -> None:
                              "path. Nothing was sampled.") from None
 
 
-def _check_memory(num_images: int, shape: tuple) -> None:
-    """Refuses a request whose images alone would not fit in half of this machine's memory."""
-    needed = num_images * int(np.prod(shape))  # uint8
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if needed > total // 2:
-        raise app.UsageError(
-            f"{num_images:,} images of {'x'.join(map(str, shape))} need {needed / 2**30:.1f} "
-            f"GiB to hold, more than half of this machine's {total / 2**30:.0f} GiB: sample "
-            "in parts (--seed=S --num_samples=N for consecutive ranges of seeds).")
-
-
 def _batches(n: int, size: int):
     return [(start, min(start + size, n)) for start in range(0, n, size)]
 
@@ -295,8 +284,10 @@ def _sample(f) -> None:
     overrides = {k: f[k].value for k in _SAMPLER_FIELDS if f[k].value is not None}
     planned = presets.override(checkpoints.config_of(source), **overrides)
     _check_sampler_supports(f, planned)
-    _check_memory(f.num_samples * (f.n_interpolations if f.interpolate else 1),
-                  (planned.data.image_size, planned.data.image_size, planned.data.channels))
+    cli.check_memory(f.num_samples * (f.n_interpolations if f.interpolate else 1),
+                     planned.data.image_size ** 2 * planned.data.channels,  # uint8
+                     "sample in parts (--seed=S --num_samples=N for consecutive ranges of "
+                     "seeds).")
     net, config, step = checkpoints.load(source, ema=not f.no_ema, precision=f.precision)
     config = presets.override(config, **overrides)
     config_flags.validate(config)

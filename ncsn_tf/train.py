@@ -62,9 +62,11 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     # TensorFlow starts here, after parsing.
+    import tensorflow as tf
+
     from ncsn_tf import callbacks, checkpoints, data, training, workdir_lock
 
-    config = _config(f, training)  # bad flags fail here, before any heavy work
+    config = _config(f, training, data)  # bad flags fail here, before any heavy work
     # MultiWorkerMirroredStrategy must exist before any other TensorFlow op runs.
     strategy = training.create_strategy(f.strategy, f.tpu)
     try:
@@ -83,20 +85,33 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
     except callbacks.NonFiniteLossError as error:
         logging.error("%s", error)
         return 1
+    except tf.errors.OpError as error:
+        message = data.bad_data_message(error)
+        if message is None:
+            raise
+        sys.exit(f"ncsn_tf.train: {message} The checkpoints written so far are intact; the "
+                 "run resumes from the latest.")
     if result.stop_signal is not None:
         return 128 + result.stop_signal
     logging.info("Done: step %d in %s", result.step, f.workdir)
     return 0
 
 
-def _config(f: flags.FlagValues, training):
+def _config(f: flags.FlagValues, training, data):
     """Flags -> config; a bare `--workdir=DIR` (plus overrides) resumes DIR's saved config."""
+    from tensorflow import io
+
+    if io.gfile.exists(f.workdir) and not io.gfile.isdir(f.workdir):
+        sys.exit(f"ncsn_tf.train: --workdir={f.workdir} is a file, not a directory; pass a "
+                 "new or existing run directory")
     given = any(f[name].present for name in ("preset", "config", "dataset", "image_size"))
     if not given and training.read_workdir_config(f.workdir) is not None:
         f.config = training.config_path(f.workdir)
         logging.info("Using the config saved in %s", f.config)
     try:
-        return config_flags.config_from_flags(f)
+        config = config_flags.config_from_flags(f)
+        data.check_dataset(config.data.dataset)
+        return config
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"ncsn_tf.train: {error}")
 

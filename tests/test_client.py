@@ -12,6 +12,7 @@ import http.server
 import json
 import re
 import socket
+import socketserver
 import threading
 import time
 
@@ -226,7 +227,7 @@ def test_client_with_settings(server):
 
 
 def test_client_reports_serving_errors(server):
-    with pytest.raises(client.ServingError, match=r"(?s)HTTP 400: .*seed must hold 1 to 4 seeds"):
+    with pytest.raises(client.ServingError, match=r"(?s)HTTP 400: .*seed must be a list of 1 to 4 seeds"):
         client.sample_pngs(server, "ncsn", range(5))
     with pytest.raises(client.ServingError, match=r"HTTP 404: Servable not found"):
         client.sample_pngs(server, "nonexistent", [1])
@@ -248,3 +249,85 @@ def test_client_cli_errors_are_one_line(tmp_path):
     argv = fv(["client", "--host=127.0.0.1:9", "--n_steps_each=2", f"--out={tmp_path}/g.png"])
     with pytest.raises(SystemExit, match="client: .*go together"):
         client.main(argv, fv)
+
+
+_PNG = base64.b64encode(tf.io.encode_png(np.zeros((4, 4, 1), np.uint8)).numpy()).decode()
+
+
+def _ok(outputs) -> bytes:
+    body = json.dumps({"outputs": {"png_bytes": outputs}}).encode()
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+# What a broken server, proxy or network answers, by model name.
+_BROKEN = {
+    "not_utf8": b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n\xff\xfe\x00{",
+    "bad_base64": _ok([{"b64": "@@not base64@@"}, {"b64": _PNG}]),
+    "not_png": _ok([{"b64": base64.b64encode(b"GIF89a....").decode()}, {"b64": _PNG}]),
+    "no_images": _ok([]),
+    "fewer_images": _ok([{"b64": _PNG}]),
+    "short_body": b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n{\"outputs\": ",
+    "closed": b"",
+    "redirect": (b"HTTP/1.1 302 Found\r\nLocation: /v1/models/moved:predict\r\n"
+                 b"Content-Length: 0\r\n\r\n"),
+    "redirect_post": (b"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://elsewhere:8501/\r\n"
+                      b"Content-Length: 0\r\n\r\n"),
+}
+
+
+class _BrokenHandler(socketserver.BaseRequestHandler):
+    def handle(self):
+        request = self.request.recv(65536).decode("latin-1")
+        name = re.search(r"/v1/models/([^/:]+)", request)[1]
+        if name == "drip":  # a whole answer, one byte every 0.3 s
+            self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n")
+            for _ in range(50):
+                time.sleep(0.3)
+                try:
+                    self.request.sendall(b" ")
+                except OSError:
+                    return
+        elif name == "moved":
+            self.request.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 17\r\n\r\n"
+                                 b'{"error": "gone"}')
+        else:
+            self.request.sendall(_BROKEN[name])
+
+
+@pytest.fixture(scope="module")
+def broken_server():
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _BrokenHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+                     daemon=True).start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("name, message", [
+    ("not_utf8", "answered with bytes that are not UTF-8 text"),
+    ("bad_base64", "answered with an image that is not valid base64"),
+    ("not_png", r"answered image 0 \(seed 7\) that is not a PNG \(it starts with b'GIF89a"),
+    ("no_images", "answered 0 images for 2 seeds"),
+    ("fewer_images", "answered 1 images for 2 seeds"),
+    ("short_body", "closed the connection before a whole answer"),
+    ("closed", "closed the connection before a whole answer"),
+    ("redirect", r"/v1/models/moved:predict \(redirected from .*/v1/models/redirect:predict\) "
+                 "answered HTTP 404: gone"),
+    ("redirect_post", "answered HTTP 307, a redirect to http://elsewhere:8501/, which a predict "
+                      r"request \(POST\) does not follow"),
+])
+def test_broken_answers_are_one_clear_error(broken_server, name, message):
+    with pytest.raises(client.ServingError, match=message):
+        client.sample_pngs(broken_server, name, [7, 8], timeout=10)
+
+
+def test_timeout_bounds_the_whole_answer_not_each_read(broken_server):
+    start = time.monotonic()
+    with pytest.raises(client.ServingError, match="did not answer within 1 s"):
+        client.sample_pngs(broken_server, "drip", [1], timeout=1)
+    assert time.monotonic() - start < 3
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"timeout must be > 0 seconds, got {bad}"):
+            client.sample_pngs(broken_server, "drip", [1], timeout=bad)

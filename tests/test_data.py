@@ -246,7 +246,7 @@ def test_folder_skips_and_counts_unreadable_files(tmp_path, caplog, rng):
             np.testing.assert_array_equal(out, good[path] / np.float32(255))
     messages = [r.getMessage() for r in caplog.records]
     assert sum("skipped 1 file(s) that are not" in m and "notes.txt" in m for m in messages) == 2
-    unreadable = [m for m in messages if "skipped unreadable image" in m]
+    unreadable = [m for m in messages if "not a readable PNG/JPEG/GIF/BMP image" in m]
     assert len(unreadable) == 4  # each bad file once per pipeline, two pipelines
     assert {m.split("(")[-1] for m in unreadable} == {"1 skipped so far)", "2 skipped so far)"}
     assert all(any(name in m for m in unreadable) for name in bad)
@@ -382,6 +382,63 @@ def test_tfrecord_errors(tmp_path):
     _write_records(tmp_path / "odd.tfrecords", [{"pixels": b"123"}])
     with pytest.raises(ValueError, match=r"features \['pixels'\].*'shape'"):
         data.load(_config(f"tfrecord:{tmp_path}/*.tfrecords"))
+
+
+def _frames(path) -> list[int]:
+    """Byte offsets at which the records of a TFRecord file start (length, crc, data, crc)."""
+    raw, starts, offset = path.read_bytes(), [], 0
+    while offset < len(raw):
+        starts.append(offset)
+        offset += int(np.frombuffer(raw[offset:offset + 8], "<u8")[0]) + 16
+    return starts
+
+
+@pytest.mark.parametrize("damage", ["cut_in_header", "cut_in_data", "bit_flip"])
+def test_damaged_tfrecord_file_stops_the_pipeline_naming_it(tmp_path, rng, damage):
+    images = rng.integers(0, 256, (40, 8, 8, 3), np.uint8)
+    path = tmp_path / "part-0.tfrecords"
+    _write_records(path, [{"image": tf.io.encode_png(x).numpy()} for x in images])
+    raw, start = bytearray(path.read_bytes()), _frames(path)[30]
+    if damage == "bit_flip":
+        raw[start + 20] ^= 0xFF
+    else:  # a copy or a writer cut short inside the length header or the data of record 30
+        del raw[start + (5 if damage == "cut_in_header" else 20):]
+    path.write_bytes(bytes(raw))
+    # TFRecordDataset alone reads a header cut short as the end of the file: nothing said.
+    if damage == "cut_in_header":
+        assert sum(1 for _ in tf.data.TFRecordDataset(str(path))) == 30
+    config = _config(f"tfrecord:{tmp_path}/*.tfrecords", image_size=8)
+    with pytest.raises(tf.errors.OpError) as error:
+        _all(data.load(config, training=False))
+    assert data.bad_data_message(error.value) == (
+        f"TFRecord file {path} is cut short or corrupt after record 30 (byte {start} of "
+        f"{len(raw)}). Re-write or remove it and re-run.")
+
+
+def test_tfrecord_record_that_is_no_image_stops_the_pipeline_naming_it(tmp_path, rng):
+    good = tf.io.encode_png(rng.integers(0, 256, (8, 8, 3), np.uint8)).numpy()
+    path = tmp_path / "part-0.tfrecords"
+    _write_records(path, [{"image": good}] * 3 + [{"image": b"not an image at all, really"}])
+    with pytest.raises(tf.errors.OpError) as error:
+        _all(data.load(_config(f"tfrecord:{path}", image_size=8), "train", training=False))
+        _all(data.load(_config(f"tfrecord:{path}", image_size=8), "test", training=False))
+    assert data.bad_data_message(error.value).startswith(
+        f"record 3 of {path} is not a PNG/JPEG/GIF/BMP image")
+
+
+def test_images_over_the_pixel_limit_are_refused_before_decoding(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "MAX_PIXELS", 64 * 64)
+    for name, shape in zip(_train_names(2, "png"), [(64, 64, 3), (64, 65, 3)]):
+        tf.io.write_file(str(tmp_path / name), tf.io.encode_png(np.zeros(shape, np.uint8)))
+    pil_image = pytest.importorskip("PIL.Image")
+    for fmt in ("jpg", "bmp", "gif"):
+        name = _train_names(1, fmt)[0]
+        pil_image.fromarray(np.zeros((70, 70, 3), np.uint8)).save(tmp_path / name)
+    headers = {p.name: int(data._header_pixels(tf.io.read_file(str(p))))
+               for p in tmp_path.iterdir()}
+    assert sorted(headers.values()) == [64 * 64, 64 * 65, 70 * 70, 70 * 70, 70 * 70]
+    outputs = _all(data.load(_config(f"folder:{tmp_path}", image_size=8), training=False))
+    assert len(outputs) == 1  # the 64x64 PNG; the others are skipped and named
 
 
 # ---- TFDS (mocked) ----

@@ -546,6 +546,37 @@ def test_cli_refuses_contradictory_flags(args, message, capsys):
         run_cli(args, capsys)
 
 
+def test_a_request_that_cannot_fit_is_refused_before_sampling(tiny_run, tmp_path, capsys):
+    workdir, _, _ = tiny_run
+    for extra, each in [([], 4 * (2048 + 1008)), ([f"--save_samples={tmp_path / 's.npz'}"],
+                                                  4 * (2048 + 1008) + 16 * 16 * 4)]:
+        with pytest.raises(absl_app.UsageError,
+                           match=f"10,000,000,000 images need .* GiB to hold \\({each:,} "):
+            run_cli([f"--workdir={workdir}", "--num_samples=10000000000",
+                     f"--ref_stats={tmp_path / 'never.npz'}", *extra], capsys)
+    assert not (tmp_path / "never.npz").exists()
+
+
+def test_unusable_samples_are_refused_in_one_line(grey_reference, tmp_path, capsys):
+    """Random bytes, a damaged archive and images with NaN pixels get no score."""
+    junk, cut, nan = (str(tmp_path / name) for name in ("junk.npz", "cut.npz", "nan.npz"))
+    with open(junk, "wb") as f:
+        f.write(np.random.default_rng(0).bytes(5000))
+    images = smooth_images(8, seed=1)[..., :1]
+    np.savez(cut, samples=images)
+    with open(cut, "r+b") as f:
+        f.truncate(600)
+    images[3, 2, 2, 0] = np.nan  # one broken pixel in one image
+    np.savez(nan, samples=images)
+    for path, message in [(junk, "is not an .npz file (it does not start as a zip archive)"),
+                          (cut, "is a damaged .npz"),
+                          (nan, "1 of 8 images hold NaN or infinite pixels")]:
+        with pytest.raises(SystemExit) as error:
+            run_cli([f"--samples={path}", f"--ref_stats={grey_reference}"], capsys)
+        assert message in str(error.value) and "pickle" not in str(error.value)
+        assert str(error.value).startswith("evaluate: ")
+
+
 def test_data_init_starts_each_seed_from_its_held_out_image(tmp_path):
     """With data_init (honoured as by ncsn_tf.sample), seed s starts from held-out image s
     (mod the split's size) perturbed by σ1; without it from uniform noise."""

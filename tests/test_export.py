@@ -137,8 +137,12 @@ def test_score_signature_is_the_network(net, model):
 
 
 @pytest.mark.parametrize("signature, inputs, message", [
-    ("serving_default", dict(seed=[]), "seed must hold 1 to 4 seeds"),
-    ("serving_default", dict(seed=[1, 2, 3, 4, 5]), "seed must hold 1 to 4 seeds"),
+    ("serving_default", dict(seed=[]), "seed must be a list of 1 to 4 seeds"),
+    ("serving_default", dict(seed=[1, 2, 3, 4, 5]), "seed must be a list of 1 to 4 seeds"),
+    ("serving_default", dict(seed=7), "seed must be a list of 1 to 4 seeds, one image per seed "
+                                      "(shape [N], e.g. [0, 1, 2]); got shape"),
+    ("serving_default", dict(seed=[[1, 2]]), "(shape [N], e.g. [0, 1, 2]); got shape"),
+    ("sample_with_settings", dict(seed=[[1]]), "seed must be a list of 1 to 4 seeds"),
     ("sample_with_settings", dict(n_steps_each=0), "n_steps_each must be in [1, 3]"),
     ("sample_with_settings", dict(n_steps_each=4), "n_steps_each must be in [1, 3]"),
     ("sample_with_settings", dict(step_lr=0.0), "step_lr must be in (0, 0.0001]"),
@@ -148,8 +152,15 @@ def test_score_signature_is_the_network(net, model):
     ("inpaint", dict(image=np.full((1, 16, 16, 1), 2.0)), "image values must be in [0, 1]"),
     ("inpaint", dict(mask=np.ones((1, 16, 16, 3))), "mask must have shape [N, 16, 16, 1]"),
     ("inpaint", dict(mask=np.full((1, 16, 16, 1), 0.5)), "mask must contain only 0"),
-    ("inpaint", dict(seed=[1, 2]), "inpaint needs one seed per image"),
-    ("score", dict(noise_level=[4]), "noise_level must hold one index in [0, 4)"),
+    ("inpaint", dict(image=np.zeros((16, 16, 1))), "image must have shape [N, 16, 16, 1]"),
+    ("inpaint", dict(mask=np.ones((16, 16, 1))), "mask must have shape [N, 16, 16, 1]"),
+    ("inpaint", dict(mask=np.ones(())), "mask must have shape [N, 16, 16, 1]"),
+    ("inpaint", dict(seed=[1, 2]), "inpaint needs a list of seeds, one per image"),
+    ("inpaint", dict(seed=1), "inpaint needs a list of seeds, one per image"),
+    ("score", dict(noise_level=[4]), "noise_level must be a list of one index in [0, 4)"),
+    ("score", dict(noise_level=0), "noise_level must be a list of one index in [0, 4)"),
+    ("score", dict(x=np.zeros((16, 16, 1))), "x must have shape [N, 16, 16, 1]"),
+    ("score", dict(x=np.zeros(())), "x must have shape [N, 16, 16, 1]"),
     ("score", dict(x=np.zeros((1, 16, 16, 3))), "x must have shape [N, 16, 16, 1]"),
     ("score", dict(x=np.zeros((5, 16, 16, 1)), noise_level=[0] * 5),
      "x must have shape [N, 16, 16, 1] with 1 <= N <= 4"),

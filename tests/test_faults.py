@@ -202,3 +202,20 @@ def test_disk_full_stops_with_one_paragraph_and_leaves_no_partial_files(small_di
     assert not glob.glob(str(workdir / "checkpoints" / "**" / "*_temp*"), recursive=True)
     for _, prefix in checkpoints.checkpoint_prefixes(workdir):
         checkpoints.verify(prefix)
+
+
+def test_damaged_training_data_stops_the_run_with_one_paragraph(tmp_path):
+    import numpy as np
+    import tensorflow as tf
+    from test_data import _frames, _write_records
+
+    images = np.random.default_rng(0).integers(0, 256, (60, 16, 16, 1), np.uint8)
+    path = tmp_path / "digits.tfrecords"
+    _write_records(path, [{"image": tf.io.encode_png(x).numpy()} for x in images])
+    raw = path.read_bytes()
+    path.write_bytes(raw[:_frames(path)[50] + 3])  # cut inside a record's length header
+    with pytest.raises(SystemExit) as error:
+        run_cli(**FAST, dataset=f"tfrecord:{path}", workdir=tmp_path / "run", n_iters=40)
+    assert str(error.value).startswith(
+        f"ncsn_tf.train: TFRecord file {path} is cut short or corrupt after record 50")
+    assert "\n" not in str(error.value)

@@ -79,6 +79,10 @@ def test_preset_is_inferred_from_the_dataset_or_the_image_size():
     ({"sigma_end": 60.0}, "must be larger than --sigma_end"),
     ({"channels": 2}, "--channels=2 must be 1 or 3"),
     ({"test_freq": -1}, "--test_freq=-1 must be >= 0"),
+    ({"num_scales": 1}, "--num_scales=1 must be >= 2"),
+    ({"sigma_begin": float("nan")}, "--sigma_begin=nan must be a finite number"),
+    ({"step_lr": float("inf")}, "--step_lr=inf must be a finite number"),
+    ({"ngf": 8.0}, "--ngf=8.0 must be an integer"),
 ])
 def test_bad_values_are_rejected_with_the_flag_name(overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
@@ -111,6 +115,25 @@ def test_bad_config_files_are_rejected(tmp_path):
         flags.resolve_config("cifar10", str(bad_value))
     with pytest.raises(FileNotFoundError):
         flags.resolve_config("cifar10", str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize("content, message", [
+    ("- 1\n- 2\n", f"must hold a mapping such as 'training: {{batch_size: 64}}', not a list"),
+    (b"model:\n  ngf: \xff\n", "is not UTF-8 text (invalid start byte at byte 14)"),
+    ("training: {batch_size: [\n", "is not valid YAML"),
+    # 423 bytes of nested aliases expand to about a gigabyte ("billion laughs").
+    ("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi"))
+     + "data: {dataset: *i}\n", "aliases (*name) are not allowed"),
+])
+def test_unreadable_config_files_name_the_file(tmp_path, content, message):
+    path = tmp_path / "config.yaml"
+    (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+    with pytest.raises(ValueError) as error:
+        flags.resolve_config("cifar10", str(path))
+    assert str(path) in str(error.value) and message in str(error.value)
+    with pytest.raises(ValueError, match="is a directory; pass a YAML file"):
+        flags.resolve_config("cifar10", str(tmp_path))
 
 
 def test_define_config_flags_is_idempotent_and_help_lists_every_field():

@@ -254,7 +254,7 @@ def test_official_checkpoint_from_the_importer(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--out={tmp}/file.txt/o.png"], "--out={tmp}/file.txt/o.png cannot be written"),
     (["--npz={tmp}"], "is a directory"),
-    (["--num_samples=10000000000"], "10,000,000,000 images of 16x16x1 need"),
+    (["--num_samples=10000000000"], "10,000,000,000 images need 2,384.2 GiB to hold (256 bytes each)"),
 ])
 def test_requests_that_would_fail_after_sampling_are_refused_first(
         tmp_path, monkeypatch, args, message):

@@ -158,7 +158,12 @@ def test_tfds_run_writes_checkpoints_samples_tensorboard_and_test_sweep(tmp_path
     # ...and so are bad values, before the workdir is touched.
     with pytest.raises(SystemExit, match="--lr=-1.0 must be > 0"):
         run_cli(dataset="cifar10", workdir=tmp_path / "never", lr=-1.0)
+    with pytest.raises(SystemExit, match="Unknown dataset 'cifar11'. Valid forms: cifar10"):
+        run_cli(preset="cifar10", dataset="cifar11", workdir=tmp_path / "never")
     assert not (tmp_path / "never").exists()
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit, match="a_file is a file, not a directory"):
+        run_cli(preset="digits", workdir=tmp_path / "a_file")
 
 
 def test_harmless_config_changes_resume_and_others_are_refused(tmp_path):

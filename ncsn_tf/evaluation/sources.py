@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import zipfile
 from typing import Any, Iterable
 
 import numpy as np
@@ -18,11 +19,24 @@ def load_samples(path: str) -> np.ndarray:
     uint8 or float in [0, 1]. NCHW arrays (channels 1 or 3 in axis 1 but not in the last
     axis) are transposed to NHWC; an array with 1 or 3 in the last axis is taken as NHWC.
     """
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f"No samples file at {path}.")
     with tf.io.gfile.GFile(path, "rb") as f:
-        data = np.load(io.BytesIO(f.read()), allow_pickle=False)
-    if not data.files:
+        raw = f.read()
+    hint = ("write one with `python -m ncsn_tf.sample --npz=...` or "
+            "np.savez(path, samples=images)")
+    if not raw.startswith(b"PK\x03\x04"):  # every .npz is a zip archive
+        raise ValueError(f"{path} is not an .npz file (it does not start as a zip archive); "
+                         + hint)
+    try:
+        data = np.load(io.BytesIO(raw), allow_pickle=False)
+        arrays = {name: data[name] for name in data.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path} is a damaged .npz ({str(error).splitlines()[0][:200]}); "
+                         + hint) from None
+    if not arrays:
         raise ValueError(f"{path} holds no arrays.")
-    images = data["samples"] if "samples" in data.files else data[data.files[0]]
+    images = arrays.get("samples", next(iter(arrays.values())))
     return to_nhwc(images, source=path)
 
 
@@ -86,4 +100,11 @@ def images_of(batch) -> np.ndarray:
         batch = batch["image"]
     elif isinstance(batch, (tuple, list)):
         batch = batch[0]
-    return to_nhwc(batch.numpy() if isinstance(batch, tf.Tensor) else batch)
+    images = to_nhwc(batch.numpy() if isinstance(batch, tf.Tensor) else batch)
+    if images.dtype.kind == "f":
+        broken = int((~np.isfinite(images).reshape(len(images), -1).all(axis=1)).sum())
+        if broken:
+            raise ValueError(f"{broken} of {len(images)} images hold NaN or infinite pixels "
+                             "(a diverged model or sampler?): a score of them would be "
+                             "meaningless. Look at the samples, then re-sample.")
+    return images
