@@ -118,7 +118,7 @@ def test_bad_config_files_are_rejected(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    ("- 1\n- 2\n", f"must hold a mapping such as 'training: {{batch_size: 64}}', not a list"),
+    ("- 1\n- 2\n", "must hold a mapping such as 'training: {batch_size: 64}', not a list"),
     (b"model:\n  ngf: \xff\n", "is not UTF-8 text (invalid start byte at byte 14)"),
     ("training: {batch_size: [\n", "is not valid YAML"),
     # 423 bytes of nested aliases expand to about a gigabyte ("billion laughs").
