@@ -123,16 +123,30 @@ class ProgressLogger(keras.callbacks.Callback):
         eta = self._wall.eta if self._wall.done else None
         with self.writer.as_default(step=step):
             for key, value in logs.items():
-                tf.summary.scalar(key, value, description=self.bucket_descriptions.get(key))
-            tf.summary.scalar("learning_rate", self.learning_rate())
+                tf.summary.scalar(scalar_tag(key), value,
+                                  description=self.bucket_descriptions.get(key))
+            tf.summary.scalar(scalar_tag("learning_rate"), self.learning_rate())
             if self._steps:
-                tf.summary.scalar("images_per_second", images_per_second)
+                tf.summary.scalar(scalar_tag("images_per_second"), images_per_second)
         extra = "  ".join(f"{k} {v:.4g}" for k, v in sorted(logs.items())
                           if k not in ("loss",) and not k.startswith("loss_bucket"))
         logging.info("step %d/%d (%.1f%%)  loss %.4f  %s  %s img/s  ETA %s", step, self.n_iters,
                      100.0 * step / self.n_iters, logs.get("loss", float("nan")), extra,
                      f"{images_per_second:,.0f}" if self._steps else "-", progress.duration(eta))
         self._busy, self._steps = 0.0, 0
+
+
+def scalar_tag(key: str, split: str = "train") -> str:
+    """The TensorBoard tag of a logged value, grouped so that the loss comes first:
+    loss/train, loss/test; loss_by_level/train_bucket_k; optim/grad_norm, optim/learning_rate;
+    perf/images_per_second."""
+    if key in ("loss", "test_loss"):
+        return f"loss/{split}"
+    if "loss_bucket_" in key:
+        return f"loss_by_level/{split}_bucket_{key.rsplit('_', 1)[1]}"
+    if key in ("grad_norm", "learning_rate"):
+        return f"optim/{key}"
+    return f"perf/{key}"
 
 
 class HeldOutLoss(keras.callbacks.Callback):
@@ -177,7 +191,7 @@ class HeldOutLoss(keras.callbacks.Callback):
                 results[f"test_loss_bucket_{b}"] = stats[1 + b] / stats[1 + k + b]
         with self.writer.as_default(step=step):
             for key, value in results.items():
-                tf.summary.scalar(key, value)
+                tf.summary.scalar(scalar_tag(key, "test"), value)
         logging.info("step %d  test_loss %.4f (EMA weights, one held-out batch)", step,
                      results["test_loss"])
 

@@ -1,4 +1,4 @@
-"""A TF Serving REST client for exported models: `python -m ncsn_tf.client`.
+r"""A TF Serving REST client for exported models: `python -m ncsn_tf.client`.
 
     python -m ncsn_tf.client --host=localhost:8501 --model=ncsn --num_samples=4 --seed=0 \
         --out=grid.png
@@ -23,6 +23,8 @@ import urllib.request
 from typing import Any, Sequence
 
 from absl import app, flags
+
+from ncsn_tf import cli
 
 
 class ServingError(RuntimeError):
@@ -198,4 +200,4 @@ def _write_grid(pngs: list[bytes], path: str) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

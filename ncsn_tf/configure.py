@@ -17,8 +17,7 @@ import sys
 
 from absl import app, flags
 
-from ncsn_tf import noise
-from ncsn_tf import presets
+from ncsn_tf import cli, noise, presets
 from ncsn_tf.flags import HELP, resolve_config
 
 # Flags that only make sense when σ1 is measured on a dataset.
@@ -182,4 +181,4 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

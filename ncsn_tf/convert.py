@@ -31,7 +31,7 @@ import numpy as np
 import yaml
 from absl import app, flags, logging
 
-from ncsn_tf import checkpoints, models, presets
+from ncsn_tf import checkpoints, cli, models, presets
 from ncsn_tf.models import RefineNetScore, layers
 
 TORCH_INSTALL_HINT = "pip install torch==2.13.0 (or pip install ncsn_tf[torch])"
@@ -443,4 +443,4 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -1,4 +1,4 @@
-"""`python -m ncsn_tf.evaluate`: FID, Inception Score, precision/recall, KID and nearest
+r"""`python -m ncsn_tf.evaluate`: FID, Inception Score, precision/recall, KID and nearest
 neighbours of generated samples, and a grid of the least realistic ones.
 
 Samples come as an `.npz` file, a folder of images, an array, a `tf.data.Dataset`, any iterable
@@ -72,6 +72,9 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     """
     fv = dict(flag_values=flag_values)
     config_flags.define_config_flags(flag_values)
+    for field in (*cli.SAMPLER_FIELDS, "sampling_batch_size", "seed", "preset", "dataset",
+                  "data_dir"):
+        flags.declare_key_flag(field, flag_values=flag_values)  # listed by --help
     flags.DEFINE_string("samples", None, "Samples: an .npz (key 'samples' or its first array; "
                         "uint8 or float in [0,1], NHWC or NCHW) or a folder of images.", **fv)
     flags.DEFINE_string("workdir", None, "Draw the samples from the EMA weights of this "
@@ -319,4 +322,4 @@ def _sweep(f) -> dict[str, Any]:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

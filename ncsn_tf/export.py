@@ -53,8 +53,8 @@ import tensorflow as tf
 import yaml
 from absl import app, flags, logging
 
-from ncsn_tf import images as image_io, presets, sampling
-from ncsn_tf import flags as config_flags
+from ncsn_tf import cli, presets, sampling
+from ncsn_tf import images as image_io
 
 METADATA_FILE = os.path.join("assets.extra", "ncsn_metadata.yaml")
 SIGNATURES = ("serving_default", "sample_with_settings", "inpaint", "score")
@@ -448,9 +448,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                       "recorded in the metadata. Default: from the config (ald).", **fv)
     flags.DEFINE_integer("num_steps", None, "Noise levels of the cas/pc/heun/dpm sampler. "
                          "Default: from the config (0: the sampler's default).", **fv)
-    for field in _SAMPLER_SETTINGS:
-        define = flags.DEFINE_integer if field == "corrector_steps" else flags.DEFINE_float
-        define(field, None, f"{config_flags.HELP[field]} Default: from the config.", **fv)
+    cli.define_sampler_flags(flag_values, _SAMPLER_SETTINGS, default="from the config")
+    flags.adopt_module_key_flags(cli, flag_values=flag_values)  # listed by --help
     flags.DEFINE_integer("max_batch", None, "Most seeds (images) one request may ask for. "
                          "Default: the config's sampling_batch_size.", **fv)
     flags.DEFINE_integer("max_n_steps_each", DEFAULT_MAX_N_STEPS_EACH,
@@ -489,4 +488,4 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

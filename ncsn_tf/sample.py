@@ -1,4 +1,4 @@
-"""Draw samples from a trained model: `python -m ncsn_tf.sample`.
+r"""Draw samples from a trained model: `python -m ncsn_tf.sample`.
 
     python -m ncsn_tf.sample --workdir=runs/cifar10 --num_samples=64 --out=samples.png \
         --npz=samples.npz
@@ -8,7 +8,7 @@ another batch, and as seed `--seed` + i of an exported model's `serving_default`
 through the noise levels a chunk at a time, with a progress bar on stderr. Modes:
 
 - default: the configured sampler (`--sampler`: ald, the paper's annealed Langevin dynamics,
-  or the faster cas, pc, heun; `--num_steps`) from noise (`--data_init`: from perturbed test
+  or the faster cas, pc, heun, dpm; `--num_steps`) from noise (`--data_init`: from perturbed test
   images instead); the number of score evaluations per image (NFE) is printed first;
 - `--inpaint=IMAGE --mask=MASK`: completes one image `--num_samples` times; MASK is an image
   file whose white pixels (>= 128) are kept and black ones filled in, or one of `right_half`,
@@ -38,9 +38,7 @@ from ncsn_tf import cli, data, images, presets, progress, sampling
 from ncsn_tf import flags as config_flags
 
 NAMED_MASKS = ("right_half", "bottom_half", "center")
-_SAMPLER_FIELDS = ("sampler", "num_steps", "n_steps_each", "step_lr", "denoise",
-                   "sampling_batch_size", "corrector_steps", "snr", "rho", "churn", "eta",
-                   "s_noise")
+_SAMPLER_FIELDS = (*cli.SAMPLER_FIELDS, "sampling_batch_size")
 _TRAJECTORY_COLUMNS = 8  # images shown per frame in the trajectory PNG
 
 
@@ -178,17 +176,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                       "network. Default: the one it was trained with.", **fv)
     flags.DEFINE_boolean("no_ema", False, "Sample with the live weights instead of the EMA "
                          "ones.", **fv)
-    for field in _SAMPLER_FIELDS:
-        help_text = f"{config_flags.HELP[field]} Default: from the checkpoint's config."
-        kind = config_flags.config_fields()[field][1]
-        if field in config_flags.CHOICES:
-            flags.DEFINE_enum(field, None, list(config_flags.CHOICES[field]), help_text, **fv)
-        elif kind is bool:
-            flags.DEFINE_boolean(field, None, help_text, **fv)
-        elif kind is float:
-            flags.DEFINE_float(field, None, help_text, **fv)
-        else:
-            flags.DEFINE_integer(field, None, help_text, **fv)
+    cli.define_sampler_flags(flag_values, _SAMPLER_FIELDS)
+    flags.adopt_module_key_flags(cli, flag_values=flag_values)  # listed by --help
 
 
 def _check_flags(f) -> None:
@@ -237,11 +226,14 @@ def _batches(n: int, size: int):
 
 
 def _write_outputs(f, samples: np.ndarray, seeds: np.ndarray, ncol: int | None,
-                   trajectory: np.ndarray | None) -> None:
+                   trajectory: np.ndarray | None, context: np.ndarray | None = None) -> None:
+    """The grid (`context` images first, e.g. an inpainting's input and what it kept), the
+    trajectory grid and the .npz of the samples and their seeds."""
     for path in (f.out, f.npz):
         if path and os.path.dirname(path):
             tf.io.gfile.makedirs(os.path.dirname(path))
-    images.save_image_grid(samples.astype(np.float32) / 255.0, f.out, ncol=ncol)
+    shown = samples if context is None else np.concatenate([context, samples])
+    images.save_image_grid(shown.astype(np.float32) / 255.0, f.out, ncol=ncol)
     written = [f.out]
     if trajectory is not None:
         frames = trajectory[:, :_TRAJECTORY_COLUMNS]
@@ -288,17 +280,17 @@ def _sample(f) -> None:
                      planned.data.image_size ** 2 * planned.data.channels,  # uint8
                      "sample in parts (--seed=S --num_samples=N for consecutive ranges of "
                      "seeds).")
+    shape = (planned.data.image_size, planned.data.image_size, planned.data.channels)
+    image = mask = starts = None
+    if f.inpaint:  # a wrong size or a missing file is refused before the model loads
+        image, mask = images.read_image(f.inpaint, shape), read_mask(f.mask, shape)
     net, config, step = checkpoints.load(source, ema=not f.no_ema, precision=f.precision)
     config = presets.override(config, **overrides)
     config_flags.validate(config)
-    shape = (config.data.image_size, config.data.image_size, config.data.channels)
     sampler = sampling.for_network(
         net, config, trajectory_every=f.trajectory_every,
         diagnostics=f.diagnostics_dir is not None, jit_compile=f.jit_compile)
     levels, n = sampler.num_levels, f.num_samples
-    image = mask = starts = None
-    if f.inpaint:
-        image, mask = images.read_image(f.inpaint, shape), read_mask(f.mask, shape)
     if config.sampling.data_init if f.data_init is None else f.data_init:
         starts = data.HeldOutImages(config)(np.arange(n))  # image i from held-out image i
     k = f.n_interpolations if f.interpolate else 1
@@ -331,8 +323,12 @@ def _sample(f) -> None:
                 sampling.write_diagnostics(writer, values, first_step=first_step)
     if f.interpolate:
         seeds = np.stack([seeds, seeds + n], axis=1)
+    context = None
+    if f.inpaint:  # the input, then what the sampler was given (filled pixels grey)
+        kept = np.where(mask > 0, image, 0.5)
+        context = images.to_uint8(np.stack([image, kept])).numpy()
     _write_outputs(f, np.concatenate(samples), seeds, k if f.interpolate else None,
-                   np.concatenate(trajectories, axis=1) if trajectories else None)
+                   np.concatenate(trajectories, axis=1) if trajectories else None, context)
 
 
 def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -348,4 +344,4 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

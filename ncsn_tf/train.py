@@ -17,6 +17,7 @@ import sys
 
 from absl import app, flags, logging
 
+from ncsn_tf import cli
 from ncsn_tf import flags as config_flags
 
 
@@ -118,4 +119,4 @@ def _config(f: flags.FlagValues, training, data):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

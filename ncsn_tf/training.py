@@ -497,7 +497,7 @@ def evaluate_checkpoints(config: presets.Config, workdir: str,
         with writer.as_default(step=step):
             for key, value in row.items():
                 if key != "step":
-                    tf.summary.scalar(key if key == "test_loss" else "test_" + key, value)
+                    tf.summary.scalar(callbacks.scalar_tag(key, "test"), value)
         logging.info("checkpoint %s  step %d  test_loss %.4f (%s split)", path, step,
                      row["test_loss"], split)
     writer.flush()

@@ -281,7 +281,10 @@ def test_neighbor_grid_png_places_samples_then_neighbours(tmp_path):
     rng = np.random.default_rng(10)
     samples = rng.uniform(size=(2, 4, 5, 3)).astype(np.float32)
     neighbours = rng.uniform(size=(2, 3, 4, 5, 3)).astype(np.float32)
-    grid = evaluation.neighbor_grid(samples, neighbours, padding=1)
+    enlarged = evaluation.neighbor_grid(samples, neighbours, padding=1)
+    assert enlarged.shape == (1 + 2 * 65, 1 + 3 + 4 * 81 - 1, 3)  # 4x5 px cells shown at 64x80
+    np.testing.assert_array_equal(enlarged[1:65:16, 1:81:16], np.round(samples[0] * 255))
+    grid = evaluation.neighbor_grid(samples, neighbours, padding=1, min_tile=0)
     # Cells of 4x5 px, 1 px apart; 3 px between the sample column and the neighbours:
     # rows start at y = 1, 6; columns at x = 1 | 9, 15, 21; total 11 x 27 px.
     assert grid.shape == (11, 27, 3)

@@ -89,6 +89,15 @@ def test_inpaint_keeps_the_known_pixels(workdir, tmp_path):
     np.testing.assert_array_equal(samples[:, :6], np.broadcast_to(image[:6], (2, 6, 16, 1)))
     assert np.mean(samples[:, 6:] != image[6:]) > 0.5
     assert not np.array_equal(samples[0, 6:], samples[1, 6:])  # one completion per seed
+    # The grid shows the input, then the kept pixels (the rest grey), then the completions.
+    grid = _png(tmp_path / "in.png")
+    assert grid.shape == (2 + 2 * 66, 2 + 2 * 66, 1)  # 2 x 2 tiles of 64 px, 2 px padding
+    cells = [grid[2 + 66 * r:66 + 66 * r:4, 2 + 66 * c:66 + 66 * c:4] for r in range(2)
+             for c in range(2)]
+    np.testing.assert_array_equal(cells[0], image)
+    np.testing.assert_array_equal(cells[1][:6], image[:6])
+    assert (cells[1][6:] == 128).all()
+    np.testing.assert_array_equal(np.stack(cells[2:]), samples)
 
 
 def test_named_masks():
@@ -254,16 +263,21 @@ def test_official_checkpoint_from_the_importer(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--out={tmp}/file.txt/o.png"], "--out={tmp}/file.txt/o.png cannot be written"),
     (["--npz={tmp}"], "is a directory"),
-    (["--num_samples=10000000000"], "10,000,000,000 images need 2,384.2 GiB to hold (256 bytes each)"),
+    (["--num_samples=10000000000"],
+     "10,000,000,000 images need 2,384.2 GiB to hold (256 bytes each)"),
+    (["--inpaint={tmp}/big.png", "--mask=right_half"],
+     "{tmp}/big.png is 64x64 pixels, but the model makes 16x16 images: resize it first"),
+    (["--inpaint={tmp}/missing.png", "--mask=right_half"], "{tmp}/missing.png does not exist"),
 ])
 def test_requests_that_would_fail_after_sampling_are_refused_first(
         tmp_path, monkeypatch, args, message):
-    """An unwritable output or more images than memory holds: refused from config.yaml
-    alone, before the model loads (the sampling would otherwise be lost)."""
+    """An unwritable output, more images than memory holds, an image to inpaint of another
+    size: refused from config.yaml alone, before the model loads."""
     config = presets.override(presets.get("digits"), ngf=4, num_scales=3)
     workdir = str(tmp_path / "w")
     checkpoints.save_converted(workdir, config, models.build(config), models.build(config), 1)
     (tmp_path / "file.txt").write_text("a file, not a folder")
+    image_io.save_png(str(tmp_path / "big.png"), np.zeros((64, 64, 1), np.uint8))
     monkeypatch.setattr(checkpoints, "load", lambda *_, **__: pytest.fail("model loaded"))
     args = [a.format(tmp=tmp_path) for a in args]
     with pytest.raises(SystemExit, match="^sample: ") as error:

@@ -129,14 +129,18 @@ def test_tfds_run_writes_checkpoints_samples_tensorboard_and_test_sweep(tmp_path
         assert (workdir / "samples" / "training_inputs.png").exists()
 
         events = read_events(workdir / "tensorboard" / "train")
-        for tag in ("loss", "grad_norm", "learning_rate", "images_per_second",
-                    *(f"loss_bucket_{k}" for k in range(4))):
+        every_log = {"loss/train", "optim/grad_norm", "optim/learning_rate",
+                     "perf/images_per_second",
+                     *(f"loss_by_level/train_bucket_{k}" for k in range(4))}
+        held_out = {tag for tag in events if tag.startswith("loss_by_level/test_bucket_")}
+        assert {tag for tag in events if "/" in tag} == every_log | held_out | {"loss/test"}
+        assert "loss_by_level/test_bucket_0" in held_out  # (a held-out batch may miss some)
+        for tag in every_log:
             assert set(events[tag]) >= {2, 4, 6}, tag
-        assert set(events["loss"]) == {2, 4, 6}  # every log_freq step
-        assert set(events["test_loss"]) == {3, 6}
-        assert "test_loss_bucket_0" in events
-        assert events["learning_rate"][2] == pytest.approx(1e-4)  # the cifar10 preset's lr
-        assert all(np.isfinite(v) and v > 0 for v in events["loss"].values())
+        assert set(events["loss/train"]) == {2, 4, 6}  # every log_freq step
+        assert set(events["loss/test"]) == {3, 6}
+        assert events["optim/learning_rate"][2] == pytest.approx(1e-4)  # cifar10's lr
+        assert all(np.isfinite(v) and v > 0 for v in events["loss/train"].values())
         assert set(events["samples"]) == set(range(1, 7)) and 0 in events["training_inputs"]
         assert tf.io.decode_png(events["samples"][6]).shape == grid.shape
 
@@ -149,7 +153,7 @@ def test_tfds_run_writes_checkpoints_samples_tensorboard_and_test_sweep(tmp_path
     assert all(np.isfinite(float(r["test_loss"])) and float(r["test_loss"]) > 0 for r in rows)
     assert set(rows[0]) == {"step", "test_loss", *(f"loss_bucket_{k}" for k in range(4))}
     sweep = read_events(workdir / "tensorboard" / "test")
-    assert sweep["test_loss"] == pytest.approx({int(r["step"]): float(r["test_loss"])
+    assert sweep["loss/test"] == pytest.approx({int(r["step"]): float(r["test_loss"])
                                                 for r in rows})
 
     # The same workdir with a config that changes training is refused before any work...
@@ -201,15 +205,31 @@ def test_unknown_strategy_is_rejected_at_parse_time():
         _parse(["--workdir=x", "--strategy=parameter_server"])
 
 
-def test_help_explains_every_flag():
-    out = subprocess.run([sys.executable, "-m", "ncsn_tf.train", "--help"], capture_output=True,
-                         text=True, timeout=60, env=_env(), cwd=REPO)
-    assert "Train NCSNv2" in out.stdout  # absl exits with status 1 after --help
+def test_help_of_every_cli_exits_0_and_lists_its_flags():
+    """train lists every config field; sample, export and evaluate their sampler flags; the
+    examples keep their `\\` continuations; the client starts without TensorFlow."""
+    clis = ("train", "sample", "export", "evaluate", "convert", "configure", "client")
+    runs = {name: subprocess.Popen([sys.executable, "-m", f"ncsn_tf.{name}", "--help"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env=_env(), cwd=REPO) for name in clis}
+    out = {}
+    for name, process in runs.items():
+        out[name], _ = process.communicate(timeout=120)
+        assert process.returncode == 0, name
+    assert "Train NCSNv2" in out["train"]
     for field in config_flags.config_fields():
-        assert f"--{field}:" in out.stdout or f"--[no]{field}:" in out.stdout, field
+        assert f"--{field}:" in out["train"] or f"--[no]{field}:" in out["train"], field
     for flag in ("--workdir", "--mode", "--strategy", "--tpu", "--[no]jit_compile", "--preset",
                  "--config", "--snapshot_samples", "--snapshot_num_scales"):
-        assert flag in out.stdout, flag
+        assert flag in out["train"], flag
+    for name in ("sample", "export", "evaluate"):
+        for flag in ("--sampler:", "--num_steps:", "--churn:", "--eta:", "--corrector_steps:"):
+            assert flag in out[name], (name, flag)
+    for name in ("sample", "evaluate", "client"):
+        assert "\\\n" in out[name], name  # multi-line example commands
+    check = subprocess.run([sys.executable, "-c", "import sys, ncsn_tf.client; "
+                            "sys.exit('tensorflow' in sys.modules)"], env=_env(), cwd=REPO)
+    assert check.returncode == 0
 
 
 def test_loss_bucket_levels_and_the_non_finite_message():
@@ -314,7 +334,7 @@ def test_killed_and_preempted_runs_resume_and_continue_the_loss_curve(tmp_path):
     finally:
         second.kill()
     assert second.returncode == 128 + signal.SIGTERM, log[-3000:]
-    assert "skipped unreadable image" in log and "broken.png" in log
+    assert "broken.png: not a readable PNG/JPEG/GIF/BMP image" in log
     stopped_at = int(tf.train.latest_checkpoint(str(workdir / "checkpoints")).rsplit("-", 1)[1])
     assert f"Stopping at step {stopped_at} on signal {int(signal.SIGTERM)}" in log
     assert stopped_at > killed_at
@@ -323,14 +343,15 @@ def test_killed_and_preempted_runs_resume_and_continue_the_loss_curve(tmp_path):
     assert run_cli(**common, n_iters=stopped_at + 3) == 0
     assert checkpoints.load(str(workdir))[2] == stopped_at + 3
 
-    runs = [r for r in run_events(workdir / "tensorboard" / "train") if "loss" in r]
+    runs = [r["loss/train"] for r in run_events(workdir / "tensorboard" / "train")
+            if "loss/train" in r]
     assert len(runs) == 3
-    assert min(runs[1]["loss"]) == killed_at + 1  # resumed right after the last checkpoint
-    assert sorted(runs[2]["loss"]) == list(range(stopped_at + 1, stopped_at + 4))
+    assert min(runs[1]) == killed_at + 1  # resumed right after the last checkpoint
+    assert sorted(runs[2]) == list(range(stopped_at + 1, stopped_at + 4))
     # The loss curve continues where it was: far below its start, near its level at the stop.
-    start = np.mean([runs[0]["loss"][s] for s in sorted(runs[0]["loss"])[:3]])
-    before = np.mean([runs[1]["loss"][s] for s in sorted(runs[1]["loss"])[-3:]])
-    after = np.mean(list(runs[2]["loss"].values()))
+    start = np.mean([runs[0][s] for s in sorted(runs[0])[:3]])
+    before = np.mean([runs[1][s] for s in sorted(runs[1])[-3:]])
+    after = np.mean(list(runs[2].values()))
     assert after < 0.6 * start, (start, before, after)
     assert after < 1.5 * before, (start, before, after)
 

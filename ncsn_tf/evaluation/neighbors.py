@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from ncsn_tf.evaluation.sources import batches_of, images_of, to_nhwc
+from ncsn_tf.images import MIN_TILE, upscale_factor
 from ncsn_tf.inception import FeatureNetwork
 
 
@@ -76,10 +77,16 @@ def _as_float(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32)
 
 
-def neighbor_grid(samples: np.ndarray, neighbor_images: np.ndarray, padding: int = 2) -> np.ndarray:
-    """uint8 image: one row per sample, the sample then its neighbours (after a wider gap)."""
+def neighbor_grid(samples: np.ndarray, neighbor_images: np.ndarray, padding: int = 2,
+                  min_tile: int = MIN_TILE) -> np.ndarray:
+    """uint8 image: one row per sample, the sample then its neighbours (after a wider gap),
+    each enlarged by nearest neighbour to at least `min_tile` pixels tall (0: never), as the
+    sample grids are."""
     samples = _as_float(to_nhwc(samples))
     rows = np.concatenate([samples[:, None], neighbor_images], axis=1)  # [S, k+1, H, W, C]
+    if min_tile:
+        factor = upscale_factor(rows.shape[2], min_tile)
+        rows = rows.repeat(factor, axis=2).repeat(factor, axis=3)
     num_rows, num_cols, h, w, c = rows.shape
     gap = 3 * padding  # between a sample and its neighbours
     grid = np.ones((padding + num_rows * (h + padding),
