@@ -27,6 +27,6 @@ setup(
         "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
         "torch": ["torch>=2.4"],  # only to read official .pth checkpoints
         "pipelines": ["kfp==2.17.0"],
-        "test": ["pytest>=8", "pytest-timeout", "pytest-xdist"],
+        "test": ["pytest>=8", "pytest-timeout", "pytest-xdist", "ruff==0.17.6"],
     },
 )

@@ -119,7 +119,8 @@ def train(official, ns, config, steps: int) -> dict:
     scale = np.linalg.norm(reference)
     return {"stage": "train", "steps": steps,
             "weights_rel_l2_ncsn_tf_vs_official": float(np.linalg.norm(ours - reference) / scale),
-            "weights_rel_l2_control_vs_official": float(np.linalg.norm(control - reference) / scale),
+            "weights_rel_l2_control_vs_official":
+                float(np.linalg.norm(control - reference) / scale),
             "last_loss": {k: round(v[-1], 4) for k, v in losses.items()},
             "max_abs_loss_diff_ncsn_tf": float(np.max(np.abs(
                 np.subtract(losses["ncsn_tf"], losses["official"])))),

@@ -19,10 +19,10 @@ training digits once with `--worker digits_npz --images=digits.npz`, then run th
 there into `OUT/official_seed<S>/ema_weights.npz` and `samples_official.npz`; the
 orchestration reuses whatever files it finds.
 
-`--cross_seeds=K` adds, for the first K seeds (default 1), the other two pairings of trained weights and sampler (weights exchanged in the
-official layout), which tells a training gap from a sampling gap. Each set of weights also gets
-a held-out DSM loss: the exact mean over the 197 test digits × 20 fixed noise draws, computed
-identically for every run.
+`--cross_seeds=K` adds, for the first K seeds (default 1), the other two pairings of trained
+weights and sampler (weights exchanged in the official layout), which tells a training gap
+from a sampling gap. Each set of weights also gets a held-out DSM loss: the exact mean over
+the 197 test digits × 20 fixed noise draws, computed identically for every run.
 
 Every run is scored by `digit_judge` (a convolutional classifier trained here, with an
 eleventh class for broken images): Fréchet distance, KID, precision, recall and the
@@ -30,7 +30,8 @@ broken-sample rate in its features, each with a bootstrap 95% interval, and a gr
 least realistic samples beside each samples file. Output in `--out`: `results.jsonl` (one JSON
 line per run), a grid per pairing (`<train>_trained__<sampler>_sampler.png`, seed of the
 first run) and a Markdown table (`summary.md`, also printed: mean ± sd over training seeds,
-and each metric's gap between the sides with its standard error). Finished runs are reused: rerun to add seeds.
+and each metric's gap between the sides with its standard error). Finished runs are reused:
+rerun to add seeds.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Why the fast samplers returned broken images: the evidence behind each fix.
 
-    python bench/sampler_failures.py --workdir=runs/q/ncsn_tf_seed0/workdir --out=bench/results/failures
+    python bench/sampler_failures.py --workdir=runs/q/ncsn_tf_seed0/workdir \
+        --out=bench/results/failures
 
 On one trained digits model and `--num_samples` seeds, with the digit judge of
 `digit_judge.py` telling broken images from digits:

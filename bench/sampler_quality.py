@@ -1,7 +1,10 @@
 """Quality against cost of the samplers, on several independently trained digits models.
 
-    for s in 0 1 2; do python -m ncsn_tf.train --dataset=digits --seed=$s --workdir=runs/q/ncsn_tf_seed$s/workdir; done
-    python bench/sampler_quality.py --workdirs=runs/q/ncsn_tf_seed0/workdir,runs/q/ncsn_tf_seed1/workdir,runs/q/ncsn_tf_seed2/workdir \
+    for s in 0 1 2; do
+        python -m ncsn_tf.train --dataset=digits --seed=$s --workdir=runs/q/ncsn_tf_seed$s/workdir
+    done
+    python bench/sampler_quality.py --workdirs=runs/q/ncsn_tf_seed0/workdir,\
+runs/q/ncsn_tf_seed1/workdir,runs/q/ncsn_tf_seed2/workdir \
         --num_samples=2000 --out=runs/samplers --output=bench/results/samplers_digits.jsonl
 
 For each model (workdir i) and each sampler setting below (or `--settings`), `--num_samples`

@@ -2,10 +2,11 @@
 
     python bench/summarize.py bench/results/cpu_2core.jsonl
 
-Rows of the same configuration (bench, batch, precision, XLA, oneDNN setting) are merged by their median, so
-several back-to-back rounds give one row each. Lines of `official_reference` (the official
-PyTorch model, timed by development tooling outside this repository) set the baseline that the
-`vs official` columns divide by: float32 training and score evaluation at the same batch.
+Rows of the same configuration (bench, batch, precision, XLA, oneDNN setting) are merged by
+their median, so several back-to-back rounds give one row each. Lines of `official_reference`
+(the official PyTorch model, timed by development tooling outside this repository) set the
+baseline that the `vs official` columns divide by: float32 training and score evaluation at
+the same batch.
 """
 from __future__ import annotations
 

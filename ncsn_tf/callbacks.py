@@ -84,31 +84,40 @@ class ProgressLogger(keras.callbacks.Callback):
     Metrics are means over the steps since the last report: the logger resets the model's
     metrics after reading them.
     images/s counts only the time inside training steps (data wait included, checkpointing
-    and sampling excluded); the ETA uses the wall-clock rate, which includes everything.
+    and sampling excluded). The ETA is the wall-clock rate of everything but the sample grids
+    of `snapshots`, plus the grids still due at the duration of the last one (before the
+    first, the line says how many will follow).
     """
 
     def __init__(self, start_step: int, n_iters: int, global_batch: int, log_freq: int,
                  writer: tf.summary.SummaryWriter, learning_rate: Callable[[], float],
-                 bucket_descriptions: dict[str, str] | None = None):
+                 bucket_descriptions: dict[str, str] | None = None,
+                 snapshots: "SnapshotSampler | None" = None,
+                 clock: Callable[[], float] = time.perf_counter):
         super().__init__()
         self.start_step, self.n_iters, self.global_batch = start_step, n_iters, global_batch
         self.log_freq = log_freq
         self.writer, self.learning_rate = writer, learning_rate
         self.bucket_descriptions = bucket_descriptions or {}
+        self.snapshots, self.clock = snapshots, clock
         self._step_begin = None
         self._busy = 0.0  # seconds inside train steps since the last report
         self._steps = 0
         self._wall = None  # steps since the first one (which traces) against the wall clock
 
     def on_train_batch_begin(self, batch, logs=None):
-        self._step_begin = time.perf_counter()
+        self._step_begin = self.clock()
+
+    def _clock_without_grids(self) -> float:
+        return self.clock() - (sum(self.snapshots.seconds) if self.snapshots else 0.0)
 
     def on_train_batch_end(self, batch, logs=None):
-        now = time.perf_counter()
+        now = self.clock()
         step = _step_of(self.start_step, batch)
         if self._wall is None:
             # The first step traces and compiles: leave it out of the rates.
-            self._wall = progress.Progress(total=self.n_iters - step, clock=time.perf_counter)
+            self._wall = progress.Progress(total=self.n_iters - step,
+                                           clock=self._clock_without_grids)
             self._busy, self._steps = 0.0, 0
         else:
             self._busy += now - self._step_begin
@@ -121,6 +130,10 @@ class ProgressLogger(keras.callbacks.Callback):
     def _report(self, step: int, logs: dict) -> None:
         images_per_second = self.global_batch * self._steps / self._busy if self._busy else 0.0
         eta = self._wall.eta if self._wall.done else None
+        grids = self.snapshots.due_after(step, self.n_iters) if self.snapshots else 0
+        if grids and self.snapshots.seconds:
+            eta = None if eta is None else eta + grids * self.snapshots.seconds[-1]
+            grids = 0
         with self.writer.as_default(step=step):
             for key, value in logs.items():
                 tf.summary.scalar(scalar_tag(key), value,
@@ -130,9 +143,11 @@ class ProgressLogger(keras.callbacks.Callback):
                 tf.summary.scalar(scalar_tag("images_per_second"), images_per_second)
         extra = "  ".join(f"{k} {v:.4g}" for k, v in sorted(logs.items())
                           if k not in ("loss",) and not k.startswith("loss_bucket"))
-        logging.info("step %d/%d (%.1f%%)  loss %.4f  %s  %s img/s  ETA %s", step, self.n_iters,
-                     100.0 * step / self.n_iters, logs.get("loss", float("nan")), extra,
-                     f"{images_per_second:,.0f}" if self._steps else "-", progress.duration(eta))
+        logging.info("step %d/%d (%.1f%%)  loss %.4f  %s  %s img/s  ETA %s%s", step,
+                     self.n_iters, 100.0 * step / self.n_iters, logs.get("loss", float("nan")),
+                     extra, f"{images_per_second:,.0f}" if self._steps else "-",
+                     progress.duration(eta),
+                     f" + {grids} sample grid{'s' * (grids > 1)}" if grids else "")
         self._busy, self._steps = 0.0, 0
 
 
@@ -299,11 +314,16 @@ class SnapshotSampler(keras.callbacks.Callback):
 
     def __init__(self, start_step: int, snapshot_freq: int, sampler: sampling.AnnealedLangevin,
                  seeds: np.ndarray, samples_dir: str, writer: tf.summary.SummaryWriter,
-                 enabled: bool = True):
+                 clock: Callable[[], float] = time.perf_counter):
         super().__init__()
         self.start_step, self.snapshot_freq = start_step, snapshot_freq
         self.sampler, self.seeds = sampler, seeds
-        self.samples_dir, self.writer, self.enabled = samples_dir, writer, enabled
+        self.samples_dir, self.writer, self.clock = samples_dir, writer, clock
+        self.seconds: list[float] = []  # the duration of each grid so far
+
+    def due_after(self, step: int, end: int) -> int:
+        """How many grids come after `step`, up to step `end`."""
+        return end // self.snapshot_freq - step // self.snapshot_freq
 
     def on_train_batch_end(self, batch, logs=None):
         step = _step_of(self.start_step, batch)
@@ -311,14 +331,13 @@ class SnapshotSampler(keras.callbacks.Callback):
             self.sample(step)
 
     def sample(self, step: int) -> None:
-        if not self.enabled:
-            return
-        start = time.perf_counter()
+        start = self.clock()
         images = self.sampler.sample(self.seeds)["samples"]
         path = os.path.join(self.samples_dir, f"samples_{step}.png")
         write_grid(images, path, self.writer, "samples", step)
+        self.seconds.append(self.clock() - start)
         logging.info("step %d  wrote %s (%d samples, %.1f s)", step, path, len(self.seeds),
-                     time.perf_counter() - start)
+                     self.seconds[-1])
 
 
 def write_grid(images, path: str, writer: tf.summary.SummaryWriter, tag: str,

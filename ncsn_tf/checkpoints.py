@@ -3,6 +3,7 @@
     WORKDIR/config.yaml               the resolved config (`write_config`, `read_config`)
     WORKDIR/checkpoints/ckpt-N        the latest snapshots, rotated by a tf.train.CheckpointManager
     WORKDIR/checkpoints/kept/ckpt-N   full snapshots at multiples of `keep_every` steps, kept
+                                      (hard links to the rotated files on a local disk)
     WORKDIR/checkpoints/ema/ckpt-N    the EMA weights and step of every snapshot, kept: what
                                       sampling, evaluation and checkpoint sweeps need, at about
                                       a quarter of the size of a full snapshot
@@ -10,10 +11,10 @@
                                       corrupt) or that a resumed run superseded, moved aside
                                       by `restore_latest` rather than deleted or overwritten
 
-A snapshot writes its EMA part, then its kept copy, then the rotated checkpoint, each
-complete or absent (TensorFlow writes the .index last): a kill between them leaves a step
-that resumes from its kept copy or is trained again; `restore_latest` repairs a missing part
-of the step it resumes from.
+A snapshot writes its EMA part, then the rotated checkpoint, then its kept copy, each
+complete or absent (the .index comes last): a kill between them leaves a step that is trained
+again or resumed from its rotated checkpoint, and `restore_latest` repairs a missing part of
+the step it resumes from.
 
 A full checkpoint holds `net` (live weights), `ema_net` (their EMA, used for sampling), `step`
 (int64) and, when written by training, `optimizer`; an EMA snapshot holds `ema_net` and `step`.
@@ -114,17 +115,17 @@ def make_manager(workdir: str, checkpoint: tf.train.Checkpoint,
 def save(manager: tf.train.CheckpointManager, step: int, keep_every: int = 0,
          keep_ema: bool = True) -> str:
     """Saves WORKDIR/checkpoints/ckpt-<step>; at multiples of `keep_every` (0: never) also
-    writes a full copy to WORKDIR/checkpoints/kept/, and with `keep_ema` the EMA weights and
-    step to WORKDIR/checkpoints/ema/; rotation deletes neither. Returns the prefix."""
+    keeps it in WORKDIR/checkpoints/kept/ (`_keep`), and with `keep_ema` writes the EMA
+    weights and step to WORKDIR/checkpoints/ema/; rotation deletes neither. Returns the
+    prefix."""
     step = int(step)
     try:
-        # The parts that are kept forever first: a kill before the rotated save leaves a
-        # step that resumes from its kept copy (or is trained again), never one without them.
         if keep_ema:
             _write_ema(manager.checkpoint, manager.directory, step)
+        prefix = manager.save(checkpoint_number=step)
         if keep_every and step % keep_every == 0:
-            _write(manager.checkpoint, os.path.join(manager.directory, KEPT_DIR, f"ckpt-{step}"))
-        return manager.save(checkpoint_number=step)
+            _keep(prefix, os.path.join(manager.directory, KEPT_DIR, f"ckpt-{step}"))
+        return prefix
     except (tf.errors.ResourceExhaustedError, OSError) as e:
         if not isinstance(e, tf.errors.ResourceExhaustedError) and e.errno != errno.ENOSPC:
             raise
@@ -137,6 +138,23 @@ def save(manager: tf.train.CheckpointManager, step: int, keep_every: int = 0,
                     tf.io.gfile.remove(temp)
         raise DiskFullError(f"Disk full while writing the checkpoint of step {step} in "
                             f"{manager.directory} (its partial files are removed)") from None
+
+
+def _keep(prefix: str, kept_prefix: str) -> str:
+    """The kept/ copy of a full checkpoint: hard links on a local disk (its bytes are stored
+    once; rotation removes only the rotated names), a copy where links are not available
+    (gs://, ...). The .index comes last, so a kill leaves the copy complete or absent."""
+    tf.io.gfile.makedirs(os.path.dirname(kept_prefix))
+    for path in sorted(tf.io.gfile.glob(prefix + ".*"), key=lambda p: p.endswith(".index")):
+        target = kept_prefix + path[len(prefix):]
+        if tf.io.gfile.exists(target):  # left by a kill during an earlier try
+            tf.io.gfile.remove(target)
+        try:
+            os.link(path, target)
+        except OSError:
+            tf.io.gfile.copy(path, target + ".tmp", overwrite=True)
+            tf.io.gfile.rename(target + ".tmp", target, overwrite=True)
+    return kept_prefix
 
 
 def _write_ema(checkpoint: tf.train.Checkpoint, directory: str, step: int) -> str:
@@ -303,8 +321,8 @@ def restore_latest(workdir: str, *, net: keras.Model, ema_net: keras.Model, step
                                                                            restored))
     kept_prefix = os.path.join(directory, KEPT_DIR, f"ckpt-{restored}")
     if keep_every and restored % keep_every == 0 and not tf.io.gfile.exists(
-            kept_prefix + ".index"):
-        logging.warning("Repaired the missing kept copy %s", _write(checkpoint, kept_prefix))
+            kept_prefix + ".index"):  # so the restored one is the rotated checkpoint
+        logging.warning("Repaired the missing kept copy %s", _keep(prefix, kept_prefix))
     rotated = [p for n, p in checkpoint_prefixes(workdir, folders=(directory,))]
     if rotated:  # the rotation list, whatever state file was there
         times = [tf.io.gfile.stat(p + ".index").mtime_nsec / 1e9 for p in rotated]

@@ -1,10 +1,12 @@
-"""What the command-line tools share: the sampler flags (generated from the config schema)
-and refusing a request that cannot fit, before any work."""
+"""What the command-line tools share: a quiet console, the sampler flags (generated from the
+config schema), the runner, and refusing a request that cannot fit, before any work."""
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
+import tempfile
 from typing import Callable
 
 from absl import app, flags
@@ -16,6 +18,45 @@ from ncsn_tf import flags as config_flags
 SAMPLER_FIELDS = ("sampler", "num_steps", "n_steps_each", "step_lr", "denoise",
                   "corrector_steps", "snr", "rho", "churn", "eta", "s_noise")
 HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
+def verbose(argv: list[str] | None = None) -> bool:
+    """Whether the command line asks for absl's and TensorFlow's own log lines."""
+    return any(a.startswith(("--verbosity", "-v")) for a in (argv or sys.argv)[1:])
+
+
+def quiet_tensorflow_boot() -> None:
+    """Loads TensorFlow without its boot lines on the console (absl's pre-init notice, oneDNN,
+    CPU features: printed by C++ before Python can filter them) and keeps its later C++ and
+    Python log lines to errors that stop the run. What the import printed is replayed if it
+    fails. `--verbosity` (see `verbose`) skips all of this."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            importlib.import_module("tensorflow")
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+
+
+def quiet_console_of_a_cli() -> None:
+    """Run on `import ncsn_tf`: for `python -m ncsn_tf.NAME` or `python -m pipelines.NAME`
+    without --verbosity, `quiet_tensorflow_boot` before the command imports TensorFlow (the
+    client does not use it)."""
+    argv = sys.orig_argv
+    command = argv[argv.index("-m") + 1:] if "-m" in argv else []
+    if (command and command[0].startswith(("ncsn_tf.", "pipelines."))
+            and command[0] != "ncsn_tf.client" and not verbose(command)):
+        quiet_tensorflow_boot()
 
 
 def define_sampler_flags(flag_values: flags.FlagValues, fields=SAMPLER_FIELDS,
@@ -37,7 +78,7 @@ def define_sampler_flags(flag_values: flags.FlagValues, fields=SAMPLER_FIELDS,
 def run(main: Callable) -> None:
     """`absl.app.run(main)`, except that asking for help exits with status 0 (absl's is 1)
     and log lines read `12:03:04 message` (absl's file:line prefix with --verbosity)."""
-    if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
+    if not verbose():
         plain = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
         absl_logging.get_absl_handler().setFormatter(plain)
     try:

@@ -6,8 +6,9 @@ r"""A TF Serving REST client for exported models: `python -m ncsn_tf.client`.
 Sends predict requests in the columnar format, `{"signature_name": ..., "inputs": {"seed":
 [...]}}`, to `http://HOST/v1/models/MODEL[/versions/V]:predict` (urllib, no other HTTP
 library), decodes the base64 PNGs that TF Serving returns for the `png_bytes` output and writes
-them as one grid. With `--n_steps_each`, `--step_lr` and `--denoise` it calls the
-`sample_with_settings` signature instead of `serving_default`.
+them as one grid (NumPy and the standard library: TensorFlow is not loaded). With
+`--n_steps_each`, `--step_lr` and `--denoise` it calls the `sample_with_settings` signature
+instead of `serving_default`; `--show_settings` prints the ones the model serves.
 """
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ import urllib.error
 import urllib.request
 from typing import Any, Sequence
 
+import numpy as np
 from absl import app, flags
 
 from ncsn_tf import cli
+from ncsn_tf import png as png_io
 
 
 class ServingError(RuntimeError):
@@ -106,7 +109,19 @@ def _error_message(error: urllib.error.HTTPError) -> str:
         return text.strip() or error.reason
 
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+def sampler_settings(host: str, model: str, *, version: int | None = None,
+                     timeout: float = 60.0) -> dict[str, Any]:
+    """What the model's `serving_default` does (sampler, NFE, settings, bounds, training step),
+    from its `sampler_settings` signature."""
+    response = predict(host, model, {"signature_name": "sampler_settings",
+                                     "inputs": {"seed": [0]}}, version=version, timeout=timeout)
+    try:
+        return json.loads(response["outputs"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ServingError(f"Unexpected response from {model_url(host, model, version)}: no "
+                           f"JSON 'sampler_settings' ({e!r}). Was the model exported by "
+                           "ncsn_tf.export? Exports older than this signature lack it: export "
+                           "again.") from None
 
 
 def sample_pngs(host: str, model: str, seeds: Sequence[int], *,
@@ -134,7 +149,7 @@ def sample_pngs(host: str, model: str, seeds: Sequence[int], *,
     if len(pngs) != len(seeds):
         raise ServingError(f"{url} answered {len(pngs)} images for {len(seeds)} seeds")
     for i, png in enumerate(pngs):
-        if not png.startswith(_PNG_SIGNATURE):
+        if not png.startswith(png_io.SIGNATURE):
             raise ServingError(f"{url} answered image {i} (seed {seeds[i]}) that is not a PNG "
                                f"(it starts with {png[:8]!r})")
     return pngs
@@ -157,6 +172,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                          "--step_lr and --denoise: uses sample_with_settings).", **fv)
     flags.DEFINE_float("step_lr", None, "Langevin step size (see --n_steps_each).", **fv)
     flags.DEFINE_boolean("denoise", None, "Final denoising step (see --n_steps_each).", **fv)
+    flags.DEFINE_boolean("show_settings", False, "Print what the model's serving_default does "
+                         "(sampler, NFE, n_steps_each, step_lr, bounds, training step) as JSON "
+                         "and exit: the numbers to start from for --n_steps_each/--step_lr.",
+                         **fv)
     flags.DEFINE_float("timeout", 600.0, "Seconds a request may take in all (connecting, "
                        "sampling and reading the answer); > 0.", **fv)
 
@@ -177,25 +196,35 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
             raise app.UsageError("--n_steps_each, --step_lr and --denoise go together "
                                  "(sample_with_settings needs all three); got only "
                                  + ", ".join(f"--{k}" for k in given))
+        if f.show_settings:
+            print(json.dumps(sampler_settings(f.host, f.model, version=f.version,
+                                              timeout=f.timeout), indent=2))
+            return
         seeds = list(range(f.seed, f.seed + f.num_samples))
         pngs = []
         for start in range(0, len(seeds), f.batch_size):
             pngs += sample_pngs(f.host, f.model, seeds[start:start + f.batch_size],
                                 settings=settings if given else None, version=f.version,
                                 timeout=f.timeout)
+        _write_grid(pngs, seeds, f.out)
     except (app.UsageError, ServingError) as e:
         sys.exit(f"client: {e}")
-    _write_grid(pngs, f.out)
-    print(f"Wrote {f.out} ({len(pngs)} images)")
+    print(f"Wrote {f.out} ({len(pngs)} image{'s' * (len(pngs) != 1)}, seeds {seeds[0]} to "
+          f"{seeds[-1]})")
 
 
-def _write_grid(pngs: list[bytes], path: str) -> None:
-    import tensorflow as tf  # only to decode and re-encode the images
-
-    from ncsn_tf.images import save_image_grid
-
-    images = tf.stack([tf.io.decode_png(png) for png in pngs])
-    save_image_grid(tf.cast(images, tf.float32) / 255.0, path)
+def _write_grid(pngs: list[bytes], seeds: list[int], path: str) -> None:
+    images = []
+    for seed, png in zip(seeds, pngs):
+        try:
+            images.append(png_io.decode(png))
+        except ValueError as e:
+            raise ServingError(f"the image of seed {seed} is {e}") from None
+    try:
+        with open(path, "wb") as f:
+            f.write(png_io.encode(png_io.grid(np.stack(images))))
+    except OSError as e:
+        raise ServingError(f"cannot write {path}: {e.strerror}") from None
 
 
 if __name__ == "__main__":

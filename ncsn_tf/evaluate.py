@@ -287,8 +287,9 @@ def _evaluate_model(f) -> dict[str, Any]:
     keep = [] if f.save_samples or f.nn_k else None  # all images to save, else a few for nn
     results = model_fid_is(
         model, feature_net, ref_stats, seed=seed,
-        num_samples=num_samples, batch_size=f.sampling_batch_size, eval_batch_size=f.eval_batch_size, splits=f.splits,
-        keep=keep, keep_images=None if f.save_samples else f.nn_samples, manifold=manifold)
+        num_samples=num_samples, batch_size=f.sampling_batch_size,
+        eval_batch_size=f.eval_batch_size, splits=f.splits, keep=keep,
+        keep_images=None if f.save_samples else f.nn_samples, manifold=manifold)
     results["reference"] = reference
     _save_worst(f, manifold, results)
     if f.save_samples:

@@ -17,6 +17,9 @@ Signatures, all plain TensorFlow ops (no Python at serving time, no XLA):
     inpaint               image float32 [N, H, W, C] in [0, 1], mask float32 [N, H, W, 1 or C]
                           (1 = keep the pixel, 0 = fill it in), seed int64 [N]
                                                          -> images, png_bytes
+    sampler_settings      seed int64 [N] (ignored: TF Serving needs an input)
+                                                         -> json string []: what
+                          serving_default does (sampler, NFE, settings, bounds, step)
     score                 x float32 [N, H, W, C] in [0, 1], noise_level int32 [N] (index into
                           the σ table)                   -> score float32 [N, H, W, C]
 
@@ -31,13 +34,15 @@ at export time (1 to `max_batch` seeds or images, 1 to `max_n_steps_each` steps 
 InvalidArgument and a message saying what is wrong.
 
 Metadata: `assets.extra/ncsn_metadata.yaml` (training step, checkpoint, sampler name, NFE
-and settings, bounds, signatures and the full training config) and the variable `step` of the loaded object.
+and settings, bounds, signatures and the full training config), the same without the config
+from the `sampler_settings` signature, and the variable `step` of the loaded object.
 """
 from __future__ import annotations
 
 import dataclasses
 import errno
 import glob
+import json
 import os
 import re
 import shutil
@@ -57,7 +62,7 @@ from ncsn_tf import cli, presets, sampling
 from ncsn_tf import images as image_io
 
 METADATA_FILE = os.path.join("assets.extra", "ncsn_metadata.yaml")
-SIGNATURES = ("serving_default", "sample_with_settings", "inpaint", "score")
+SIGNATURES = ("serving_default", "sample_with_settings", "inpaint", "score", "sampler_settings")
 DEFAULT_MAX_N_STEPS_EACH = 20  # 4x the largest official T; a request costs L·T network calls
 _TEMP_PREFIX = ".tmp-export-"
 # Settings of the cas/pc/heun/dpm samplers that the CLI takes (besides sampler and num_steps).
@@ -143,6 +148,22 @@ class ServingModule(tf.Module):
         self.nfe = self._default.nfe()
         self._inpainter = (self._default if self._default.stochastic
                            else self._samplers[settings.denoise])
+        # A JSON string: tf.Module would wrap a dict attribute in a tracking wrapper.
+        self.settings_json = json.dumps({
+            "step": int(step),
+            "image_shape": list(self.image_shape),
+            "num_levels": self.num_levels,
+            "sampler": {"name": self.sampler_name, "nfe": self.nfe,
+                        "n_steps_each": settings.n_steps_each, "step_lr": settings.step_lr,
+                        "denoise": settings.denoise,
+                        **({} if self.sampler_name == "ald" else
+                           {"num_steps": sampling.num_steps(config)}),
+                        "inpaint": self._inpainter.name},
+            "bounds": {"max_batch": settings.max_batch,
+                       "max_n_steps_each": settings.max_n_steps_each,
+                       "max_step_lr": self.max_step_lr},
+            "signatures": list(SIGNATURES),
+        })
 
     # ---- signatures ----
 
@@ -198,6 +219,13 @@ class ServingModule(tf.Module):
             f"noise_level must be a list of one index in [0, {self.num_levels}) per image "
             "(shape [N]); got", noise_level, shape=[None])
         return {"score": self._samplers[True].score_fn(x, noise_level)}
+
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.int64, name="seed")])
+    def sampler_settings(self, seed):
+        """`settings_json`: what serving_default does (TF Serving needs an input; the seeds are
+        ignored)."""
+        del seed
+        return {"json": tf.constant(self.settings_json)}
 
     # ---- request checks: InvalidArgument with a message, before any work is done ----
 
@@ -395,23 +423,8 @@ def export(net: keras.Model, config: presets.Config, step: int, base_path: str,
             "Pass --nodata_init to export sampling from uniform noise (the paper's setting).")
     settings = settings or ServingSettings.from_config(config)
     module = ServingModule(net, config, step, settings)
-    metadata = {
-        "step": int(step),
-        "checkpoint": checkpoint,
-        "image_shape": list(module.image_shape),
-        "num_levels": module.num_levels,
-        "sampler": {"name": module.sampler_name, "nfe": module.nfe,
-                    "n_steps_each": settings.n_steps_each, "step_lr": settings.step_lr,
-                    "denoise": settings.denoise,
-                    **({} if module.sampler_name == "ald" else
-                       {"num_steps": sampling.num_steps(config)}),
-                    "inpaint": module._inpainter.name},
-        "bounds": {"max_batch": settings.max_batch,
-                   "max_n_steps_each": settings.max_n_steps_each,
-                   "max_step_lr": module.max_step_lr},
-        "signatures": list(SIGNATURES),
-        "config": config.to_dict(),
-    }
+    metadata = {"checkpoint": checkpoint, **json.loads(module.settings_json),
+                "config": config.to_dict()}
     path = save_version(lambda directory: _write(module, directory, metadata, extra_files or {}),
                         os.path.join(base_path, model_name))
     logging.info("Exported step %d to %s (signatures: %s)", step, path, ", ".join(SIGNATURES))

@@ -5,15 +5,13 @@ pipeline can write a picture without importing each other.
 """
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
 import tensorflow as tf
 
-# Grids show every image at least this many pixels tall (nearest-neighbour, integer factor):
-# a 16-px digit becomes a readable 64-px tile.
-MIN_TILE = 64
+from ncsn_tf import png
+from ncsn_tf.png import MIN_TILE
 
 
 def to_uint8(images) -> tf.Tensor:
@@ -22,29 +20,11 @@ def to_uint8(images) -> tf.Tensor:
     return tf.cast(tf.floor(images * 255.0 + 0.5), tf.uint8)
 
 
-def upscale_factor(height: int, min_tile: int = MIN_TILE) -> int:
-    """The integer factor that makes an image `height` pixels tall at least `min_tile`."""
-    return max(1, math.ceil(min_tile / height))
-
-
 def image_grid(images, ncol: int | None = None, padding: int = 2,
                min_tile: int = MIN_TILE) -> tf.Tensor:
-    """uint8 [rows·(H+pad)+pad, ncol·(W+pad)+pad, C] grid of images [N, H, W, C] in [0, 1]
-    (`ncol` columns, default ⌈√N⌉), each image first enlarged by nearest neighbour to at least
-    `min_tile` pixels tall (0: never)."""
-    images = to_uint8(images)
-    n, h, w, c = images.shape
-    if min_tile:
-        factor = upscale_factor(h, min_tile)
-        images = tf.repeat(tf.repeat(images, factor, axis=1), factor, axis=2)
-        h, w = h * factor, w * factor
-    ncol = ncol or math.ceil(math.sqrt(n))
-    nrow = math.ceil(n / ncol)
-    images = tf.pad(images, [[0, nrow * ncol - n], [padding, 0], [padding, 0], [0, 0]])
-    grid = tf.reshape(tf.transpose(tf.reshape(images, [nrow, ncol, h + padding, w + padding, c]),
-                                   [0, 2, 1, 3, 4]),
-                      [nrow * (h + padding), ncol * (w + padding), c])
-    return tf.pad(grid, [[0, padding], [0, padding], [0, 0]])
+    """uint8 grid of images [N, H, W, C] in [0, 1]: `ncsn_tf.png.grid` (`ncol` columns,
+    default ⌈√N⌉, each image enlarged to at least `min_tile` pixels tall; 0: never)."""
+    return tf.constant(png.grid(to_uint8(images).numpy(), ncol, padding, min_tile))
 
 
 def save_image_grid(images, path: str, ncol: int | None = None, padding: int = 2,

@@ -15,8 +15,9 @@ callbacks of `ncsn_tf.callbacks`, and resumes from the workdir's latest checkpoi
 Resuming: model, EMA, optimizer and step are restored; the noise draws of `ScoreModel` are
 keyed by the step, so they continue exactly. A checkpoint without optimizer state (converted
 from the official code) resumes at its step with a fresh optimizer. `RunOptions.init_from`
-starts a new run (step 0, fresh optimizer) from the weights of another checkpoint: fine-tuning. The data order is not restored (a tf.data
-shuffle buffer is too large to checkpoint): the pipeline is reseeded with seed + resume step,
+starts a new run (step 0, fresh optimizer) from the weights of another checkpoint:
+fine-tuning. The data order is not restored (a tf.data shuffle buffer is too large to
+checkpoint): the pipeline is reseeded with seed + resume step,
 so a resumed run sees a fresh shuffle rather than replaying the batches of the first start.
 
 Multi-worker: every worker builds the same input pipeline (same seed, deterministic order)
@@ -353,18 +354,21 @@ def _callbacks(config: presets.Config, model: ScoreModel, workdir: str,
     t = config.training
     guard = callbacks.NonFiniteLossGuard(start_step, model.net.sigmas.numpy(),
                                          model.num_buckets)
+    snapshots = None
+    if chief and t.snapshot_sampling and options.snapshot_samples:
+        snapshots = callbacks.SnapshotSampler(
+            start_step, t.snapshot_freq, _snapshot_sampler(model, config, options),
+            np.arange(options.snapshot_samples), os.path.join(workdir, SAMPLES_DIR), writer)
     out = [guard, callbacks.ProgressLogger(
         start_step, t.n_iters, t.batch_size, t.log_freq, writer,
         lambda: float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)),
-        bucket_descriptions=_bucket_descriptions(guard))]
+        bucket_descriptions=_bucket_descriptions(guard), snapshots=snapshots)]
     test_iterator = _held_out_iterator(config, strategy, t.seed) if t.test_freq else None
     if test_iterator is not None:
         out.append(callbacks.HeldOutLoss(start_step, t.test_freq, test_iterator, writer))
     out.append(checkpointer)
-    if chief and t.snapshot_sampling and options.snapshot_samples:
-        out.append(callbacks.SnapshotSampler(
-            start_step, t.snapshot_freq, _snapshot_sampler(model, config, options),
-            np.arange(options.snapshot_samples), os.path.join(workdir, SAMPLES_DIR), writer))
+    if snapshots is not None:
+        out.append(snapshots)
     return out
 
 

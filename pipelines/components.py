@@ -41,7 +41,9 @@ def example_gen(dataset: str, preset: str, data_dir: str, image_size: int, chann
                                   max_train_examples=max_train_examples or None,
                                   max_eval_examples=max_eval_examples or None)
     examples.metadata.update(summary)
-    print("ExampleGen:", json.dumps(summary))
+    print(json.dumps(summary))
+    print(f"ExampleGen: {summary['num_train']:,} train and {summary['num_eval']:,} held-out "
+          f"images of {'x'.join(map(str, summary['shape']))} from {summary['source']}")
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
@@ -60,7 +62,9 @@ def statistics_gen(examples: Input[Dataset], statistics: Output[Artifact]):
         "proposed_for": {"sigma_end": proposal["sigma_end"],
                          "n_steps_each": proposal["n_steps_each"]},
     })
-    print("StatisticsGen:\n" + dataset_statistics.report(stats))
+    print(dataset_statistics.report(stats))
+    print(f"StatisticsGen: sigma_begin {stats['sigma_begin']:.4g}, proposed num_scales "
+          f"{proposal['num_scales']} and step_lr {proposal['step_lr']:.3g}")
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
@@ -88,6 +92,8 @@ def trainer(examples: Input[Dataset], statistics: Input[Artifact], use_proposed_
     model.metadata.update({"framework": "tensorflow", "step": step, "preset": config.name,
                            **{field: training.config_value(config, field) for field in sources}})
     tensorboard.metadata["logdir"] = tensorboard.path
+    print(f"Trainer: trained {config.name} to step {step:,}; TensorBoard logs in "
+          f"{tensorboard.path}")
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)

@@ -18,9 +18,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import logging as std_logging
 import os
 import re
 import sys
+import time
 import warnings
 from typing import Any
 
@@ -36,10 +38,9 @@ TRAINER_PARAMETERS = ("n_iters", "batch_size", "ngf")
 class PipelineFailed(RuntimeError):
     """A component failed; `component` names it and `reason` is its error."""
 
-    def __init__(self, component: str, reason: str):
+    def __init__(self, component: str, reason: str, log_path: str | None = None):
         super().__init__(f"component {component} failed: {reason}")
-        self.component = component
-        self.reason = reason
+        self.component, self.reason, self.log_path = component, reason, log_path
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -102,12 +103,15 @@ def pipeline_arguments(flag_values: flags.FlagValues = flags.FLAGS) -> dict[str,
     return arguments
 
 
-def run_local(arguments: dict[str, Any], pipeline_root: str, *,
-              cache: bool = True) -> dict[str, Any]:
+def run_local(arguments: dict[str, Any], pipeline_root: str, *, cache: bool = True,
+              console=None) -> dict[str, Any]:
     """Runs the pipeline with kfp.local in this Python environment; returns a summary.
 
-    Raises PipelineFailed naming the failed component and its error.
+    `console` (default: stdout) gets one line per component; everything the components print
+    goes to PIPELINE_ROOT/run-<time>.log. Raises PipelineFailed naming the failed component,
+    its error and the log.
     """
+    console = console or sys.stdout
     from kfp import local
 
     from pipelines.pipeline import DISPLAY_NAMES, ncsn_pipeline
@@ -119,21 +123,28 @@ def run_local(arguments: dict[str, Any], pipeline_root: str, *,
     _make_importable_in_subprocesses()
     local.init(runner=local.SubprocessRunner(use_venv=False),
                pipeline_root=os.path.abspath(pipeline_root), enable_caching=cache)
-    log = _Tee(sys.stdout)
-    try:
-        with contextlib.redirect_stdout(log), warnings.catch_warnings():
-            # Noise for this pipeline: its image is a parameter (only used on Kubeflow) and
-            # display names only show in a UI.
-            warnings.filterwarnings("ignore", "You may be attemping to run a task that uses "
-                                    "custom or non-Python base image", RuntimeWarning)
-            warnings.filterwarnings("ignore", r".*settings \['display_name'\] have no effect")
-            task = ncsn_pipeline(**arguments)
-    except RuntimeError as error:
-        failed = re.search(r"Inner task failed: '?([\w-]+)", _plain(str(error)))
-        if not failed:
-            raise
-        name = DISPLAY_NAMES.get(failed.group(1), failed.group(1))
-        raise PipelineFailed(name, _last_error(log.lines)) from None
+    os.makedirs(pipeline_root, exist_ok=True)
+    log_path = os.path.join(os.path.abspath(pipeline_root),
+                            time.strftime("run-%Y%m%d-%H%M%S.log"))
+    print(f"Running the pipeline; every component's full output goes to {log_path}",
+          file=console, flush=True)
+    with open(log_path, "a", encoding="utf-8") as log_file:
+        log = _RunLog(log_file, console, DISPLAY_NAMES)
+        try:
+            with contextlib.redirect_stdout(log), _root_logger_to(log), \
+                    warnings.catch_warnings():
+                # Noise for this pipeline: its image is a parameter (only used on Kubeflow)
+                # and display names only show in a UI.
+                warnings.filterwarnings("ignore", "You may be attemping to run a task that "
+                                        "uses custom or non-Python base image", RuntimeWarning)
+                warnings.filterwarnings("ignore", r".*settings \['display_name'\] have no effect")
+                task = ncsn_pipeline(**arguments)
+        except RuntimeError as error:
+            failed = re.search(r"Inner task failed: '?([\w-]+)", _plain(str(error)))
+            if not failed:
+                raise
+            name = DISPLAY_NAMES.get(failed.group(1), failed.group(1))
+            raise PipelineFailed(name, _last_error(log.lines), log_path) from None
     metrics, blessing, pushed = (task.outputs[k] for k in ("metrics", "blessing",
                                                           "pushed_model"))
     version = pushed.metadata.get("version")  # a JSON number: 1.0
@@ -148,6 +159,20 @@ def run_local(arguments: dict[str, Any], pipeline_root: str, *,
             "pipeline_root": os.path.abspath(pipeline_root)}
 
 
+@contextlib.contextmanager
+def _root_logger_to(stream):
+    """Python's root logger writes only to `stream`, at INFO, for the duration: kfp.local logs
+    there between tasks (cache hits, the run's start and end)."""
+    root = std_logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    root.handlers = [std_logging.StreamHandler(stream)]
+    root.setLevel(std_logging.INFO)
+    try:
+        yield
+    finally:
+        root.handlers, root.level = handlers, level
+
+
 def _make_importable_in_subprocesses() -> None:
     """Puts this checkout on PYTHONPATH so the component subprocesses import ncsn_tf and
     pipelines from it (a no-op in effect when the package is installed)."""
@@ -157,25 +182,54 @@ def _make_importable_in_subprocesses() -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
 
 
-class _Tee:
-    """Writes through to `stream` and keeps the last lines, to quote a failed step's error."""
+class _RunLog:
+    """Takes kfp.local's stream (its executor log, every component's output): writes all of it
+    to `log_file` and one line per finished component to `console`
+    (`  Trainer     done    212 s  Trainer: trained …`), and keeps the last lines to quote a
+    failed component's error."""
 
-    def __init__(self, stream, max_lines: int = 500):
-        self.stream = stream
+    _START = re.compile(r"Executing task '([\w-]+)'")
+    _END = re.compile(r"Task '?([\w-]+)'? (?:finished with status (\w+)|cache hit)")
+
+    def __init__(self, log_file, console, display_names: dict[str, str],
+                 max_lines: int = 500):
+        self.log_file, self.console, self.names = log_file, console, display_names
         self.lines: collections.deque[str] = collections.deque(maxlen=max_lines)
         self._partial = ""
+        self._started: dict[str, float] = {}
+        self._headline: dict[str, str] = {}
 
     def write(self, text: str) -> int:
-        self.stream.write(text)
+        self.log_file.write(_plain(text))
         *complete, self._partial = (self._partial + text).split("\n")
-        self.lines.extend(complete)
+        for line in complete:
+            self._line(_plain(line))
         return len(text)
 
-    def flush(self) -> None:
-        self.stream.flush()
+    def _line(self, line: str) -> None:
+        self.lines.append(line)
+        for task, name in self.names.items():
+            if line.strip().startswith(f"{name}: "):
+                self._headline[task] = line.strip()
+        started, ended = self._START.search(line), self._END.search(line)
+        if started:
+            self._started[started.group(1)] = time.perf_counter()
+        elif ended:
+            task, status = ended.group(1), ended.group(2)
+            if status is None:
+                status, seconds = "cached", ""
+            else:
+                status = "done" if status == "SUCCESS" else status
+                began = self._started.get(task, time.perf_counter())
+                seconds = f"{time.perf_counter() - began:.0f} s"
+            print(f"  {self.names.get(task, task):<14} {status:<7} {seconds:>6}  "
+                  f"{self._headline.get(task, '')}", file=self.console, flush=True)
 
-    def __getattr__(self, name: str):
-        return getattr(self.stream, name)  # isatty, fileno, encoding, ...
+    def flush(self) -> None:
+        self.log_file.flush()
+
+    def isatty(self) -> bool:
+        return False  # no colours in the log file
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -191,7 +245,7 @@ def _last_error(lines) -> str:
     starts = [i for i, line in enumerate(lines) if line.strip() == "Traceback (most recent "
               "call last):"]
     if not starts:
-        return "no Python traceback in its log; see the log above"
+        return "no Python traceback in its log; see the run log"
     indent = len(lines[starts[-1]]) - len(lines[starts[-1]].lstrip())
     message = []
     for line in lines[starts[-1] + 1:]:
@@ -200,7 +254,7 @@ def _last_error(lines) -> str:
         if message and (not line.strip() or line.strip().startswith("[KFP Executor")):
             break
         message.append(line[indent:])
-    return "\n".join(message) or "see the log above"
+    return "\n".join(message) or "see the run log"
 
 
 def main(argv: list[str]) -> None:
@@ -226,8 +280,8 @@ def main(argv: list[str]) -> None:
     except (FileNotFoundError, ValueError, app.UsageError) as e:
         sys.exit(f"pipelines.run: {e}")
     except PipelineFailed as e:
-        sys.exit(f"pipelines.run: the pipeline stopped at {e.component} (its log is above):\n"
-                 f"{e.reason}")
+        sys.exit(f"pipelines.run: the pipeline stopped at {e.component} (its output is in "
+                 f"{e.log_path}):\n{e.reason}")
     print(json.dumps(summary, indent=2))
 
 

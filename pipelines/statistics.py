@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from ncsn_tf import data, noise
-from ncsn_tf import images as image_io
+from ncsn_tf.png import upscale_factor
 from pipelines import examples
 
 STATISTICS_FILE = "statistics.json"
@@ -59,11 +59,11 @@ def compute(examples_dir: str, out_dir: str) -> dict[str, Any]:
     tf.io.gfile.makedirs(out_dir)
     with tf.io.gfile.GFile(os.path.join(out_dir, STATISTICS_FILE), "w") as f:
         json.dump(stats, f, indent=2)
-    factor = image_io.upscale_factor(mean_image.shape[0])  # shown as large as the sample grids
+    factor = upscale_factor(mean_image.shape[0])  # shown as large as the sample grids
     enlarged = mean_image.repeat(factor, axis=0).repeat(factor, axis=1)
-    png = tf.io.encode_png(np.round(np.clip(enlarged, 0.0, 1.0) * 255.0).astype(np.uint8))
+    encoded = tf.io.encode_png(np.round(np.clip(enlarged, 0.0, 1.0) * 255.0).astype(np.uint8))
     with tf.io.gfile.GFile(os.path.join(out_dir, MEAN_IMAGE_FILE), "wb") as f:
-        f.write(png.numpy())
+        f.write(encoded.numpy())
     return stats
 
 

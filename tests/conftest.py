@@ -24,13 +24,13 @@ def fresh_collective_keys():
     tf.distribute.MirroredStrategy._collective_key_base += 100_000
 
 
-# The slowest files, slowest first (serial seconds on the 2-core machine: about 190, 170, 115,
-# 90, 85, 70, 65, 50). The README's `-n 2 --dist loadfile` hands whole files to the two workers
-# in collection order, so starting with these lets both workers finish together instead of one
-# running the last big file alone.
-_SLOWEST_FIRST = ("test_train.py", "test_export.py", "test_bench.py", "test_evaluate.py",
-                  "test_pipeline.py", "test_sample_cli.py", "test_sampling.py",
-                  "test_samplers.py")
+# The slowest files, slowest first (serial seconds on the 2-core machine, from
+# `--durations`: about 330, 330, 250, 240, 130, 120, 80, 70, 60). The README's `-n 2 --dist
+# loadfile` hands whole files to the two workers in collection order, so starting with these
+# lets both workers finish together instead of one running the last big file alone.
+_SLOWEST_FIRST = ("test_faults.py", "test_bench.py", "test_export.py", "test_train.py",
+                  "test_evaluate.py", "test_pipeline.py", "test_sample_cli.py",
+                  "test_samplers.py", "test_sampling.py")
 
 
 def pytest_collection_modifyitems(items):

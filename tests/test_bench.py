@@ -112,7 +112,8 @@ def test_train_step_and_sampler_benches_print_one_json_line(capsys):
     for name in ("philox", "map_fn"):
         assert printed[f"noise_{name}_ms"] > 0
         assert printed[f"noise_{name}_over_score"] == pytest.approx(
-            printed[f"noise_{name}_ms"] / 1e3 / statistics.median(printed["score_s"]), rel=0.05, abs=1e-4)
+            printed[f"noise_{name}_ms"] / 1e3 / statistics.median(printed["score_s"]), rel=0.05,
+            abs=1e-4)
     # A training step runs every forward convolution and both its gradients, except the
     # gradient with respect to the input image (begin_conv: 16x16, 1 -> ngf=8 channels).
     first_conv_input_grad = 2 * 16 * 16 * 8 * 3 * 3 * 1 / 1e9

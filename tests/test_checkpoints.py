@@ -147,6 +147,16 @@ def test_rotation_keeps_the_latest_and_every_keep_every(tmp_path, nets):
                                                            "ckpt-3"))
     assert (config, step_3) == (CONFIG, 3)
     np.testing.assert_array_equal(scores(loaded), scores(ema_net))
+    # A kept checkpoint is stored once: its files are the rotated ones (hard links), and the
+    # copy left after rotation (ckpt-3) is whole.
+    directory = os.path.join(workdir, "checkpoints")
+    names = [n for n in os.listdir(directory) if n.startswith("ckpt-6.")]
+    assert sorted(names) == ["ckpt-6.data-00000-of-00001", "ckpt-6.index"]
+    for name in names:
+        assert os.path.samefile(os.path.join(directory, name),
+                                os.path.join(directory, "kept", name))
+    assert os.stat(os.path.join(directory, "kept", "ckpt-3.index")).st_nlink == 1
+    checkpoints.verify(os.path.join(directory, "kept", "ckpt-3"))
 
 
 def test_load_explains_what_is_missing(tmp_path, nets):

@@ -10,9 +10,12 @@ returned as {"b64": ...}. The local server answers predict requests with them th
 import base64
 import http.server
 import json
+import os
 import re
 import socket
 import socketserver
+import subprocess
+import sys
 import threading
 import time
 
@@ -23,6 +26,8 @@ import tensorflow as tf
 from absl import flags
 
 from ncsn_tf import client, export, models, presets
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIG = presets.override(presets.get("digits"), ngf=4, num_scales=3, n_steps_each=1)
 SETTINGS = export.ServingSettings(n_steps_each=1, step_lr=2e-5, denoise=True, max_batch=4)
@@ -220,6 +225,17 @@ def test_client_cli_writes_a_grid(model, server, tmp_path):
             grid[2 + 66 * r:66 + 66 * r:4, 2 + 66 * c:66 + 66 * c:4], image)
 
 
+def test_client_shows_the_served_settings(server, capsys):
+    settings = client.sampler_settings(server, "ncsn")
+    assert settings["sampler"]["n_steps_each"] == SETTINGS.n_steps_each
+    assert settings["sampler"]["step_lr"] == pytest.approx(SETTINGS.step_lr)
+    assert settings["bounds"]["max_batch"] == SETTINGS.max_batch and settings["step"] == 5
+    fv = flags.FlagValues()
+    client.define_flags(fv)
+    client.main(fv(["client", f"--host={server}", "--model=ncsn", "--show_settings"]), fv)
+    assert json.loads(capsys.readouterr().out) == settings
+
+
 def test_client_with_settings(server):
     settings = {"n_steps_each": 2, "step_lr": 1e-5, "denoise": False}
     pngs = client.sample_pngs(server, "ncsn", [1, 2], settings=settings)
@@ -227,7 +243,8 @@ def test_client_with_settings(server):
 
 
 def test_client_reports_serving_errors(server):
-    with pytest.raises(client.ServingError, match=r"(?s)HTTP 400: .*seed must be a list of 1 to 4 seeds"):
+    with pytest.raises(client.ServingError,
+                       match=r"(?s)HTTP 400: .*seed must be a list of 1 to 4 seeds"):
         client.sample_pngs(server, "ncsn", range(5))
     with pytest.raises(client.ServingError, match=r"HTTP 404: Servable not found"):
         client.sample_pngs(server, "nonexistent", [1])
@@ -265,6 +282,7 @@ _BROKEN = {
     "bad_base64": _ok([{"b64": "@@not base64@@"}, {"b64": _PNG}]),
     "not_png": _ok([{"b64": base64.b64encode(b"GIF89a....").decode()}, {"b64": _PNG}]),
     "no_images": _ok([]),
+    "damaged_png": _ok([{"b64": _PNG}, {"b64": base64.b64encode(b"\x89PNG\r\n\x1a\n!").decode()}]),
     "fewer_images": _ok([{"b64": _PNG}]),
     "short_body": b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n{\"outputs\": ",
     "closed": b"",
@@ -321,6 +339,32 @@ def broken_server():
 def test_broken_answers_are_one_clear_error(broken_server, name, message):
     with pytest.raises(client.ServingError, match=message):
         client.sample_pngs(broken_server, name, [7, 8], timeout=10)
+
+
+def test_client_cli_writes_without_tensorflow_and_names_a_damaged_image(broken_server, tmp_path):
+    script = (
+        "import sys\n"
+        "from absl import flags\n"
+        "from ncsn_tf import client\n"
+        "fv = flags.FlagValues()\n"
+        "client.define_flags(fv)\n"
+        "for model, n in (('fewer_images', 1), ('damaged_png', 2)):\n"
+        f"    argv = fv(['client', '--host={broken_server}', '--model=' + model, "
+        f"'--num_samples=' + str(n), '--out={tmp_path}/one.png'])\n"
+        "    try:\n"
+        "        client.main(argv, fv)\n"
+        "    except SystemExit as e:\n"
+        "        print(e)\n"
+        "print('tensorflow loaded:', 'tensorflow' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, PYTHONPATH=REPO))
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"Wrote {tmp_path}/one.png (1 image, seeds 0 to 0)", done.stderr[-2000:]
+    assert lines[1] == ("client: the image of seed 1 is a damaged PNG (no header or no image "
+                        "data)")
+    assert lines[2] == "tensorflow loaded: False"
+    np.testing.assert_array_equal(tf.io.decode_png(tf.io.read_file(f"{tmp_path}/one.png")),
+                                  np.zeros((64 + 4, 64 + 4, 1), np.uint8))
 
 
 def test_timeout_bounds_the_whole_answer_not_each_read(broken_server):

@@ -178,7 +178,8 @@ def test_every_sample_source_gives_the_same_scores(net, reference, tmp_path):
 
     sources = [images, str(tmp_path / "nhwc.npz"), str(tmp_path / "nchw.npz"), str(folder),
                tf.data.Dataset.from_tensor_slices((images, np.zeros(60))).batch(16), generator()]
-    results = [evaluation.compute_fid_is(s, net, reference, batch_size=20, splits=5) for s in sources]
+    results = [evaluation.compute_fid_is(s, net, reference, batch_size=20, splits=5)
+               for s in sources]
     for result in results[1:]:
         assert result["num_images"] == 60
         assert result["fid"] == pytest.approx(results[0]["fid"], rel=1e-6)
@@ -327,8 +328,9 @@ def test_cli_computes_reference_statistics_fid_is_and_neighbours(net, tmp_path):
     assert result["nearest_neighbors"]["space"] == "pixels"
     assert os.path.exists(report[:-5] + "_worst.png")  # beside the report by default
     assert 0.0 <= result["precision"] <= 1.0 and result["kid_se"] > 0
-    # 3 rows of (sample + 2 neighbours), 16 px cells, 2 px apart, 6 px after the samples.
-    assert tf.io.decode_png(tf.io.read_file(grid)).shape == (2 + 3 * 18, 2 + 6 + 3 * 18 - 2, 1)
+    # 3 rows of (sample + 2 neighbours), 16 px cells shown at 64 px, 2 px apart, 6 px after
+    # the samples.
+    assert tf.io.decode_png(tf.io.read_file(grid)).shape == (2 + 3 * 66, 2 + 6 + 3 * 66 - 2, 1)
 
 
 def test_streamed_manifold_metrics_equal_the_whole_array_computation(net):

@@ -1,6 +1,7 @@
 """ncsn_tf.export: the SavedModel's signatures, bounds, metadata, versioning and that it runs
 without our Python code (tf.saved_model.load and saved_model_cli in a separate process)."""
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -71,6 +72,10 @@ def test_version_and_metadata(exported, model):
     assert meta["bounds"]["max_step_lr"] == pytest.approx(CONFIG.model.sigma_end ** 2)
     assert int(model.step.numpy()) == STEP
     assert set(model.signatures) == set(export.SIGNATURES)
+    # The same settings, served: what a client needs to call sample_with_settings sensibly.
+    served = model.signatures["sampler_settings"](seed=tf.constant([0], tf.int64))["json"]
+    assert json.loads(served.numpy()) == {k: v for k, v in meta.items()
+                                          if k not in ("checkpoint", "config")}
 
 
 def test_graph_is_plain_tensorflow_without_xla(exported):

@@ -6,6 +6,7 @@ the random test feature network (not Inception), so their FIDs mean nothing; the
 plumbing: what gets pushed, when, and that a cached re-run does no work.
 """
 import glob
+import io
 import json
 import math
 import os
@@ -52,8 +53,10 @@ def runs(tmp_path_factory):
     out = {"root": root, "serving_base": serving_base}
     for name, extra in (("first", {}), ("again", {}), ("strict", {"fid_threshold": 1e-9})):
         start = time.perf_counter()
-        out[name] = run.run_local(dict(arguments, **extra), root)
+        console = io.StringIO()
+        out[name] = run.run_local(dict(arguments, **extra), root, console=console)
         out[name + "_seconds"] = time.perf_counter() - start
+        out[name + "_console"] = console.getvalue()
         out[name + "_versions"] = _versions(serving_base)
     return out
 
@@ -78,6 +81,24 @@ def test_end_to_end_pushes_a_servable_model(runs):
     assert pushed.evaluation["num_samples"] == ARGUMENTS["num_eval_samples"]
     assert pushed.evaluation["reference"] == {"split": "eval", "num_images": 40,
                                               "source": "digits"}
+
+
+def test_console_shows_one_line_per_component_and_the_log_file_the_rest(runs):
+    header, *lines = runs["first_console"].splitlines()
+    log_path = header.rsplit(" ", 1)[1]
+    assert os.path.dirname(log_path) == runs["root"]
+    names = ("ExampleGen", "StatisticsGen", "Trainer", "Evaluator", "Pusher")
+    assert [line.split()[:2] for line in lines] == [[name, "done"] for name in names], lines
+    assert "ExampleGen: 200 train and 40 held-out images of 16x16x1" in lines[0]
+    assert "sigma_begin" in lines[1] and "trained" in lines[2]
+    assert f"FID {runs['first']['fid']:.6g}" in lines[3] and "pushed version 1" in lines[4]
+    with open(log_path, encoding="utf-8") as f:
+        log = f.read()
+    # The executor's detail (and TensorFlow's) is in the log, without colour codes.
+    assert "Executing task" in log and "Training digits" in log and "\x1b[" not in log
+    # A re-run served from the cache says so, without the detail.
+    again = runs["again_console"].splitlines()[1:]
+    assert [line.split()[:2] for line in again] == [[name, "cached"] for name in names], again
 
 
 def test_rerun_is_served_from_the_cache(runs):

@@ -19,7 +19,8 @@ from ncsn_tf.evaluation.trained import (SampleFn, TrainedModel, checkpoint_sampl
                                         load_saved_model, model_fid_is, save_samples)
 
 __all__ = [
-    "ManifoldMetrics", "Neighbors", "SWEEP_CSV", "SWEEP_CSV_FIELDS", "SWEEP_LOGDIR", "SampleFn", "Statistics",
+    "ManifoldMetrics", "Neighbors", "SWEEP_CSV", "SWEEP_CSV_FIELDS", "SWEEP_LOGDIR", "SampleFn",
+    "Statistics",
     "TrainedModel", "batches_of", "checkpoint_sample_fn", "compute_fid_is", "dataset_statistics",
     "fast_fid_sweep", "generate_samples", "image_folder_batches", "load_checkpoint_model",
     "load_samples", "load_saved_model", "model_fid_is", "nearest_neighbors", "neighbor_grid",

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from ncsn_tf.evaluation.sources import batches_of, images_of, to_nhwc
-from ncsn_tf.images import MIN_TILE, upscale_factor
+from ncsn_tf.png import MIN_TILE, upscale_factor
 from ncsn_tf.inception import FeatureNetwork
 
 
