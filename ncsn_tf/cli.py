@@ -77,16 +77,29 @@ def define_sampler_flags(flag_values: flags.FlagValues, fields=SAMPLER_FIELDS,
 
 def run(main: Callable) -> None:
     """`absl.app.run(main)`, except that asking for help exits with status 0 (absl's is 1)
-    and log lines read `12:03:04 message` (absl's file:line prefix with --verbosity)."""
+    and the console holds the project's own log lines, as `12:03:04 message`, and the errors
+    of the libraries below it (all of their lines, with absl's file:line prefix, with
+    --verbosity)."""
     if not verbose():
-        plain = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
-        absl_logging.get_absl_handler().setFormatter(plain)
+        handler = absl_logging.get_absl_handler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        handler.addFilter(_own_lines_and_errors)
     try:
         app.run(main)
     except SystemExit as stop:
         if stop.code == 1 and any(a in HELP_FLAGS for a in sys.argv[1:]):
             sys.exit(0)
         raise
+
+
+_OWN_CODE = tuple(os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep + name
+                  + os.sep for name in ("ncsn_tf", "pipelines"))
+
+
+def _own_lines_and_errors(record: logging.LogRecord) -> bool:
+    """Keeps this project's log lines and anyone's errors (TensorFlow logs checkpoint sharding
+    and tf.data notes through absl too)."""
+    return record.levelno >= logging.ERROR or record.pathname.startswith(_OWN_CODE)
 
 
 def check_memory(num_images: int, bytes_per_image: int, advice: str) -> None:

@@ -10,7 +10,7 @@ Library:
   the official (by default EMA) weights, and its config.
 - `convert(pth_path, yml_path, output_dir, ema=True)`: writes an ncsn_tf workdir.
 
-CLI: python -m ncsn_tf.convert --checkpoint=F.pth --config=F.yml --output=DIR [--no-ema]
+CLI: python -m ncsn_tf.convert --checkpoint=F.pth --config=F.yml --workdir=DIR [--no_ema]
 
 Reading .pth files needs PyTorch (`pip install ncsn_tf[torch]`); it is imported only here and
 only when a checkpoint is read. Checkpoints are unpickled with `weights_only=True`, so a file
@@ -377,7 +377,7 @@ def _config_for(ckpt: OfficialCheckpoint, yml_path: str) -> presets.Config:
 def _ema_weights(ckpt: OfficialCheckpoint, pth_path: str) -> dict[str, np.ndarray]:
     if ckpt.ema is None:
         raise ValueError(f"{pth_path} has no EMA weights (the run had model.ema: false); "
-                         "use ema=False / --no-ema for the live weights.")
+                         "use ema=False / --no_ema for the live weights.")
     return ckpt.ema
 
 
@@ -416,6 +416,10 @@ def convert(pth_path: str, yml_path: str, output_dir: str, ema: bool = True) -> 
 
 # ----------------------------------------------------------------------------- CLI
 
+# Old spelling -> flag: accepted with a warning for one release.
+DEPRECATED_FLAGS = {"output": "workdir", "no-ema": "no_ema"}
+
+
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """The CLI flags. Defined on demand, not at import, so importing this module defines none."""
     fv = dict(flag_values=flag_values)
@@ -423,20 +427,26 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                         "or checkpoint_300000.pth from an ermongroup/ncsnv2 run.", **fv)
     flags.DEFINE_string("config", None, "Official config of that run: its config.yml (written "
                         "beside the checkpoints) or the configs/*.yml it was trained with.", **fv)
-    flags.DEFINE_string("output", None, "New ncsn_tf workdir to write (config.yaml and "
-                        "checkpoints/).", **fv)
-    flags.DEFINE_bool("no-ema", False, "Sample with the live weights instead of the EMA "
+    flags.DEFINE_string("workdir", None, "New ncsn_tf workdir to write (config.yaml and "
+                        "checkpoints/), as `train` writes it.", **fv)
+    flags.DEFINE_bool("no_ema", False, "Sample with the live weights instead of the EMA "
                       "weights: both are converted, and this puts the live ones in the EMA "
                       "slot too.", **fv)
-    flags.mark_flags_as_required(["checkpoint", "config", "output"], flag_values=flag_values)
+    # The spellings of earlier releases, for one release.
+    for old, new in DEPRECATED_FLAGS.items():
+        flags.DEFINE_alias(old, new, **fv)
+    flags.mark_flags_as_required(["checkpoint", "config", "workdir"], flag_values=flag_values)
 
 
 def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     f = flag_values
+    for old, new in DEPRECATED_FLAGS.items():
+        if f[old].present:
+            logging.warning("--%s is deprecated; it is --%s now.", old, new)
     try:
-        convert(f.checkpoint, f.config, f.output, ema=not f["no-ema"].value)
+        convert(f.checkpoint, f.config, f.workdir, ema=not f.no_ema)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         sys.exit(f"convert: {e}")
 

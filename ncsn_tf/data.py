@@ -157,22 +157,6 @@ class HeldOutImages:
         return np.stack([self._kept[i % size] for i in indices])
 
 
-def num_examples(config: presets.Config, split: str = "train") -> int | None:
-    """Examples in `split`, or None where that needs a pass over the data (tfrecord, or TFDS
-    data not prepared yet). For folders it counts image files, unreadable ones included."""
-    kind, arg = _parse(config.data.dataset)
-    if kind == "digits":
-        return len(_digits_indices(_check_split(split)))
-    if kind == "folder":
-        return len(_folder_files(arg, _check_split(split))[0])
-    if kind == "tfds":
-        import tensorflow_datasets as tfds
-        builder = tfds.builder(arg, data_dir=config.data.data_dir)
-        if builder.is_prepared() and split in builder.info.splits:
-            return builder.info.splits[split].num_examples
-    return None
-
-
 def load(config: presets.Config, split: str = "train", *, training: bool = True,
          batch_size: int | None = None, seed: int = 0, deterministic: bool = False,
          input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:

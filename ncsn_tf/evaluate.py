@@ -3,7 +3,7 @@ neighbours of generated samples, and a grid of the least realistic ones.
 
 Samples come as an `.npz` file, a folder of images, an array, a `tf.data.Dataset`, any iterable
 of batches, or are drawn on the fly from a trained model: a checkpoint (the EMA weights, with
-the annealed Langevin sampler of ncsn_tf.sampling) or an exported SavedModel (its
+the config's sampler or the one --sampler names) or an exported SavedModel (its
 `serving_default` signature). Image i of a model comes from seed `seed + i`, so a run is
 reproducible and gives the same images as `python -m ncsn_tf.sample` and TF Serving. Samples
 are streamed through a `FeatureNetwork` (ncsn_tf.inception), so memory stays bounded. Reference

@@ -5,6 +5,7 @@ pipeline can write a picture without importing each other.
 """
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
@@ -40,6 +41,19 @@ def save_png(path: str, image) -> None:
         tf.io.gfile.makedirs(parent)
     with tf.io.gfile.GFile(path, "wb") as f:
         f.write(tf.io.encode_png(image).numpy())
+
+
+def save_samples(path: str, samples: np.ndarray, seeds: np.ndarray, **arrays) -> None:
+    """An .npz of uint8 images under `samples`, their `seeds` and any other `arrays` (e.g. a
+    `trajectory`): what `ncsn_tf.sample --npz` and `evaluate --save_samples` write (any
+    tf.io.gfile path, its folder created)."""
+    buffer = io.BytesIO()  # np.savez seeks back, which a GFile opened for writing refuses
+    np.savez(buffer, samples=samples, seeds=seeds, **arrays)
+    parent = os.path.dirname(path)
+    if parent:
+        tf.io.gfile.makedirs(parent)
+    with tf.io.gfile.GFile(path, "wb") as f:
+        f.write(buffer.getvalue())
 
 
 def read_image(path: str, shape: tuple[int, int, int]) -> np.ndarray:

@@ -13,12 +13,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-import time
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 from scipy import optimize, special
+
+from ncsn_tf import progress
 
 SIGMA_DISTS = ("geometric", "uniform")
 # Technique 1 compares every pair of at most this many examples unless `exact=True`...
@@ -199,10 +200,6 @@ class PairwiseDistanceResult:
     exact: bool  # every pair of the dataset was compared
 
     @property
-    def subsampled(self) -> bool:
-        return not self.exact
-
-    @property
     def method(self) -> str:
         if self.exact:
             return f"exact over all {self.dataset_size:,} examples"
@@ -343,17 +340,16 @@ class _Progress:
 
     def __init__(self, enabled: bool, total: int | None, block_size: int,
                  interval_s: float = 10.0):
-        self.enabled, self.total, self.interval_s = enabled, total, interval_s
+        self.enabled, self.total = enabled, total
         self.blocks = -(-total // block_size) if total else None
-        self.count, self.start = 0, time.monotonic()
-        self.last, self.outer_block = self.start, None
+        self.meter = progress.Progress(every_s=interval_s)
+        self.outer_block = None
 
     def add(self, n: int, outer_block: int | None = None) -> None:
         """`n` more examples read; `outer_block`: index of the block held (exact pass)."""
-        self.count, self.outer_block = self.count + n, outer_block
-        now = time.monotonic()
-        if self.enabled and now - self.last >= self.interval_s:
-            self.last = now
+        self.meter.advance(n)
+        self.outer_block = outer_block
+        if self.enabled and self.meter.due():
             self._log("")
 
     def done(self) -> None:
@@ -361,13 +357,12 @@ class _Progress:
             self._log(", done")
 
     def _log(self, suffix: str) -> None:
-        rate = self.count / max(time.monotonic() - self.start, 1e-9)
         where = [f"dataset of {self.total:,}"] if self.total else []
         if self.outer_block is not None:
             where.append(f"block {self.outer_block + 1:,} of {self.blocks or '?'}")
         where = f" ({', '.join(where)})" if where else ""
         logging.info("max pairwise distance: %s examples read%s, %s examples/s%s",
-                     f"{self.count:,}", where, f"{rate:,.0f}", suffix)
+                     f"{self.meter.done:,.0f}", where, f"{self.meter.rate:,.0f}", suffix)
 
 
 def _positive_int(value, name: str) -> int:

@@ -25,7 +25,6 @@ Inpainting and interpolation work with ald, cas and pc; heun (deterministic) ref
 """
 from __future__ import annotations
 
-import io
 import math
 import os
 import sys
@@ -243,13 +242,8 @@ def _write_outputs(f, samples: np.ndarray, seeds: np.ndarray, ncol: int | None,
             ncol=frames.shape[1])
         written.append(path)
     if f.npz:
-        arrays = {"samples": samples, "seeds": seeds}
-        if trajectory is not None:
-            arrays["trajectory"] = trajectory
-        buffer = io.BytesIO()  # np.savez needs a seekable file; GFile also writes gs://
-        np.savez(buffer, **arrays)
-        with tf.io.gfile.GFile(f.npz, "wb") as out:
-            out.write(buffer.getvalue())
+        images.save_samples(f.npz, samples, seeds,
+                            **({} if trajectory is None else {"trajectory": trajectory}))
         written.append(f.npz)
     print(f"Wrote {', '.join(written)} ({len(samples)} images)")
 

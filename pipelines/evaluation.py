@@ -1,8 +1,8 @@
 """Evaluator's work: FID (and IS) of the EMA model's samples against the eval split, and the
 blessing that decides whether the Pusher may serve the model.
 
-Samples are drawn by annealed Langevin dynamics with the trained config's sampler settings from
-seeds 0 … num_samples − 1, so a re-evaluation of the same model reproduces them.
+Samples are drawn with the trained config's sampler and its settings from seeds
+0 … num_samples − 1, so a re-evaluation of the same model reproduces them.
 The reference statistics are those of every image of the Examples' eval split under the same
 feature network. A model is blessed when its FID is finite, at most `fid_threshold` (if one is
 set) and no worse than the FID recorded with the last pushed version (if that was measured

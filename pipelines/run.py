@@ -29,9 +29,10 @@ from typing import Any
 from absl import app, flags, logging
 
 from ncsn_tf import flags as config_flags
+from pipelines import training
 
 # Config fields that ExampleGen takes as its own parameters, and those the pipeline names.
-DATA_PARAMETERS = ("dataset", "data_dir", "image_size", "channels")
+DATA_PARAMETERS = training.DATA_FIELDS
 TRAINER_PARAMETERS = ("n_iters", "batch_size", "ngf")
 
 

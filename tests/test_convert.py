@@ -7,6 +7,7 @@ network parity itself is also checked without torch from the NumPy copy of the l
 import argparse
 import pathlib
 import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -197,7 +198,7 @@ def test_checkpoint_without_ema_and_untrusted_pickles(tmp_path):
     states = torch.load(pth, map_location="cpu", weights_only=True)
     no_ema = tmp_path / "no_ema.pth"
     torch.save(states[:4], no_ema)
-    with pytest.raises(ValueError, match="no-ema"):
+    with pytest.raises(ValueError, match="no_ema"):
         convert.load_official_checkpoint(str(no_ema), yml)
     net, _ = convert.load_official_checkpoint(str(no_ema), yml, ema=False)
     _assert_matches(net, _reference("ncsnv2_28"), "scores_nchw")
@@ -230,7 +231,7 @@ def test_cli_writes_a_workdir_that_restores(tmp_path):
     pytest.importorskip("torch", reason=TORCH_REASON)
     pth, yml = _paths("ncsnv2_28")
     ref = _reference("ncsnv2_28")
-    _run_cli(f"--checkpoint={pth}", f"--config={yml}", f"--output={tmp_path / 'ema'}")
+    _run_cli(f"--checkpoint={pth}", f"--config={yml}", f"--workdir={tmp_path / 'ema'}")
     config, net, ema_net, step = _restore_workdir(tmp_path / "ema")
     assert (config.model.arch, config.data.image_size, config.data.channels, config.model.ngf,
             config.model.num_scales, config.model.sigma_begin) == ("ncsnv2", 28, 1, 8, 10, 1.0)
@@ -240,9 +241,17 @@ def test_cli_writes_a_workdir_that_restores(tmp_path):
     with pytest.raises(FileExistsError, match="already holds checkpoints"):
         convert.convert(pth, yml, str(tmp_path / "ema"))
 
-    _run_cli(f"--checkpoint={pth}", f"--config={yml}", f"--output={tmp_path / 'live'}",
-             "--no-ema")
+    _run_cli(f"--checkpoint={pth}", f"--config={yml}", f"--workdir={tmp_path / 'live'}",
+             "--no_ema")
     _, _, ema_net, _ = _restore_workdir(tmp_path / "live")
+    _assert_matches(ema_net, ref, "scores_nchw")
+    # The old spellings still work for one release, with a warning.
+    with mock.patch.object(convert.logging, "warning") as warning:
+        _run_cli(f"--checkpoint={pth}", f"--config={yml}", f"--output={tmp_path / 'old'}",
+                 "--no-ema")
+    assert [call.args[1:] for call in warning.call_args_list] == [
+        ("output", "workdir"), ("no-ema", "no_ema")]
+    _, _, ema_net, _ = _restore_workdir(tmp_path / "old")
     _assert_matches(ema_net, ref, "scores_nchw")
 
 
@@ -280,7 +289,7 @@ def test_unusable_checkpoints_are_one_paragraph_errors(tmp_path):
     _, yml = _paths("ncsnv2_28")
     for name, (path, message) in _broken_checkpoints(tmp_path, torch).items():
         with pytest.raises(SystemExit, match="^convert: ") as error:
-            _run_cli(f"--checkpoint={path}", f"--config={yml}", f"--output={tmp_path / 'out'}")
+            _run_cli(f"--checkpoint={path}", f"--config={yml}", f"--workdir={tmp_path / 'out'}")
         assert message in str(error.value), (name, str(error.value))
         assert "could run code" not in str(error.value), name
         assert not (tmp_path / "out").exists(), name

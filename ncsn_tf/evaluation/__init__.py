@@ -16,7 +16,8 @@ from ncsn_tf.evaluation.sources import batches_of, image_folder_batches, load_sa
 from ncsn_tf.evaluation.sweep import SWEEP_CSV, SWEEP_CSV_FIELDS, SWEEP_LOGDIR, fast_fid_sweep
 from ncsn_tf.evaluation.trained import (SampleFn, TrainedModel, checkpoint_sample_fn,
                                         generate_samples, load_checkpoint_model,
-                                        load_saved_model, model_fid_is, save_samples)
+                                        load_saved_model, model_fid_is)
+from ncsn_tf.images import save_samples
 
 __all__ = [
     "ManifoldMetrics", "Neighbors", "SWEEP_CSV", "SWEEP_CSV_FIELDS", "SWEEP_LOGDIR", "SampleFn",

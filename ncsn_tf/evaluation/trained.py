@@ -3,7 +3,6 @@ SavedModel) and their FID/IS; image i comes from seed `seed + i`, as in ncsn_tf.
 Serving."""
 from __future__ import annotations
 
-import io
 import dataclasses
 import os
 from typing import Any, Callable, Iterable, Iterator
@@ -170,14 +169,3 @@ def _kept(batches: Iterable[np.ndarray], keep: list[np.ndarray],
             keep.append(batch if limit is None else batch[:limit - count])
             count += len(keep[-1])
         yield batch
-
-
-def save_samples(path: str, images: np.ndarray, seeds: np.ndarray) -> None:
-    """Writes uint8 images under `samples` and their `seeds` (the layout of ncsn_tf.sample)."""
-    buffer = io.BytesIO()  # np.savez seeks back, which a GFile opened for writing refuses
-    np.savez(buffer, samples=images, seeds=seeds)
-    parent = os.path.dirname(path)
-    if parent:
-        tf.io.gfile.makedirs(parent)
-    with tf.io.gfile.GFile(path, "wb") as f:
-        f.write(buffer.getvalue())
