@@ -59,7 +59,7 @@ def setup(args: argparse.Namespace):
         tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
     if args.inter_op_threads:
         tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
-    from ncsn_tf import presets
+    from ncsn_tf.config import presets
     values = {"batch_size": args.batch, "precision": args.precision}
     if args.ngf is not None:
         values["ngf"] = args.ngf

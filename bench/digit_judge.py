@@ -43,7 +43,8 @@ def digits_split(split: str, image_size: int = 16) -> tuple[np.ndarray, np.ndarr
     trains on them."""
     from sklearn.datasets import load_digits
 
-    from ncsn_tf import data, presets
+    from ncsn_tf import data
+    from ncsn_tf.config import presets
     config = presets.get("digits")
     config.data.image_size = image_size
     images = np.concatenate([b.numpy() for b in data.load(config, split, training=False,

@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"Unknown precisions {unknown}; expected some of {common.PRECISIONS}")
     config = common.setup(args)
     machine = common.machine()
-    from ncsn_tf import data, presets
+    from ncsn_tf import data
+    from ncsn_tf.config import presets
     from ncsn_tf.score_model import ScoreModel
 
     if args.lr is not None:

@@ -54,7 +54,7 @@ HELD_OUT_DRAWS = 20  # noise draws per test image for the held-out DSM loss
 
 
 def _digits_config():
-    from ncsn_tf import presets
+    from ncsn_tf.config import presets
     return presets.get("digits")
 
 

@@ -33,7 +33,7 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-# name: config fields of the sampler (ncsn_tf.presets.SamplingConfig).
+# name: config fields of the sampler (ncsn_tf.config.presets.SamplingConfig).
 SETTINGS = {
     "ald": dict(sampler="ald"),  # the paper's: T = 5 on all 49 levels
     "ald_T1": dict(sampler="ald", n_steps_each=1, step_lr=2.45e-5),  # ε of Technique 4, T = 1
@@ -66,7 +66,8 @@ METRICS = ("frechet_distance", "kid", "precision", "recall", "broken_rate", "noi
 def samples(workdir: str, fields: dict, first_seed: int, num_samples: int, path: str
             ) -> tuple[np.ndarray, int, float | None]:
     """(uint8 images, NFE, images/s or None when reused) of one setting on one model."""
-    from ncsn_tf import checkpoints, images, presets, sampling
+    from ncsn_tf import checkpoints, images, sampling
+    from ncsn_tf.config import presets
     net, config, _ = checkpoints.load(workdir)
     config = presets.override(config, **fields)
     sampler = sampling.for_network(net, config)

@@ -35,7 +35,8 @@ import tensorflow as tf
 import yaml
 from absl import logging
 
-from ncsn_tf import flags, models, presets
+from ncsn_tf import models
+from ncsn_tf.config import flags, presets
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"

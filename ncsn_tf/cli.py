@@ -12,7 +12,7 @@ from typing import Callable
 from absl import app, flags
 from absl import logging as absl_logging
 
-from ncsn_tf import flags as config_flags
+from ncsn_tf.config import flags as config_flags
 
 # The config fields that choose and tune a sampler: flags of sample, export and evaluate.
 SAMPLER_FIELDS = ("sampler", "num_steps", "n_steps_each", "step_lr", "denoise",
@@ -64,15 +64,30 @@ def define_sampler_flags(flag_values: flags.FlagValues, fields=SAMPLER_FIELDS,
     """One flag per config field in `fields`, with the config's help, type and choices;
     unset (None) keeps the model's own value."""
     for field in fields:
-        help_text = f"{config_flags.HELP[field]} Default: {default}."
-        kind = config_flags.config_fields()[field][1]
-        if field in config_flags.CHOICES:
-            flags.DEFINE_enum(field, None, list(config_flags.CHOICES[field]), help_text,
-                              flag_values=flag_values)
-        else:
-            define = {bool: flags.DEFINE_boolean, float: flags.DEFINE_float,
-                      int: flags.DEFINE_integer}[kind]
-            define(field, None, help_text, flag_values=flag_values)
+        config_flags.define_field_flag(field, f"Default: {default}.", flag_values)
+
+
+def define_model_source_flags(flag_values: flags.FlagValues, used: str,
+                              weights: bool = True) -> None:
+    """The model to load: `--workdir` (its latest checkpoint) or `--checkpoint`, and with
+    `weights` the `--precision` to run it in and `--no_ema` (the live weights). `used` says
+    what happens to it, e.g. "sampled"."""
+    flags.DEFINE_string("workdir", None, "Training workdir (config.yaml and checkpoints/): its "
+                        f"latest checkpoint is {used}.", flag_values=flag_values)
+    flags.DEFINE_string("checkpoint", None, "A checkpoint prefix (e.g. WORKDIR/checkpoints/"
+                        "ckpt-5000) instead of --workdir's latest one.", flag_values=flag_values)
+    if weights:
+        config_flags.define_field_flag("precision", "Default: the one it was trained with.",
+                                       flag_values)
+        flags.DEFINE_boolean("no_ema", False, "Use the live weights instead of the EMA ones.",
+                             flag_values=flag_values)
+
+
+def model_source(flag_values: flags.FlagValues) -> str:
+    """The workdir or checkpoint given by `define_model_source_flags`' flags (exactly one)."""
+    if (flag_values.workdir is None) == (flag_values.checkpoint is None):
+        raise app.UsageError("Give exactly one of --workdir and --checkpoint.")
+    return flag_values.workdir or flag_values.checkpoint
 
 
 def run(main: Callable) -> None:

@@ -17,8 +17,9 @@ import sys
 
 from absl import app, flags
 
-from ncsn_tf import cli, noise, presets
-from ncsn_tf.flags import HELP, resolve_config
+from ncsn_tf import cli, noise
+from ncsn_tf.config import presets
+from ncsn_tf.config.flags import help_text, resolve_config
 
 # Flags that only make sense when σ1 is measured on a dataset.
 _DATASET_ONLY = ("preset", "data_dir", "exact", "max_examples", "block_size", "seed")
@@ -29,15 +30,15 @@ _DEFAULT_N_STEPS_EACH = 5
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """This CLI's flags. Defined by `__main__` only, so importing the module defines nothing."""
     fv = dict(flag_values=flag_values)
-    flags.DEFINE_string("dataset", None, HELP["dataset"] + " Sigma_begin is measured on its "
+    flags.DEFINE_string("dataset", None, help_text("dataset") + " Sigma_begin is measured on its "
                         "training split.", **fv)
     flags.DEFINE_enum("preset", None, presets.names(), "Preset giving the data settings for "
                       "--dataset (default: the dataset's own preset, or for folder:/tfrecord: "
                       "data the one matching --image_size).", **fv)
-    flags.DEFINE_integer("image_size", None, HELP["image_size"] + " Without --dataset, gives D "
-                         "with --channels.", lower_bound=1, **fv)
-    flags.DEFINE_integer("channels", None, HELP["channels"], lower_bound=1, **fv)
-    flags.DEFINE_string("data_dir", None, HELP["data_dir"], **fv)
+    flags.DEFINE_integer("image_size", None, help_text("image_size") + " Without --dataset, "
+                         "gives D with --channels.", lower_bound=1, **fv)
+    flags.DEFINE_integer("channels", None, help_text("channels"), lower_bound=1, **fv)
+    flags.DEFINE_string("data_dir", None, help_text("data_dir"), **fv)
     flags.DEFINE_boolean("exact", False, "Compare every pair of training images (reads the "
                          "data 1 + ceil(N/block_size) times) instead of a random subsample of "
                          "--max_examples when the dataset is larger.", **fv)

@@ -31,7 +31,8 @@ import numpy as np
 import yaml
 from absl import app, flags, logging
 
-from ncsn_tf import checkpoints, cli, models, presets
+from ncsn_tf import checkpoints, cli, models
+from ncsn_tf.config import presets
 from ncsn_tf.models import RefineNetScore, layers
 
 TORCH_INSTALL_HINT = "pip install torch==2.13.0 (or pip install ncsn_tf[torch])"

@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 import numpy as np
 import tensorflow as tf
 
-from ncsn_tf import presets
+from ncsn_tf.config import presets
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-from ncsn_tf import checkpoints, cli, data, export, inception, presets
-from ncsn_tf import flags as config_flags
+from ncsn_tf import checkpoints, cli, data, export, inception
+from ncsn_tf.config import presets, flags as config_flags
 from ncsn_tf import images as image_io
 from ncsn_tf.evaluation import (SWEEP_CSV, SWEEP_LOGDIR, ManifoldMetrics, Statistics,
                                 batches_of, compute_fid_is, fast_fid_sweep,
@@ -66,7 +66,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     """The CLI's flags; defined on demand so that importing this module defines none.
 
     The reference dataset is a config: the model's own for a model, else `--preset`,
-    `--dataset`, `--data_dir`, ... (see ncsn_tf.flags). Of the config flags, `--seed` is the
+    `--dataset`, `--data_dir`, ... (see ncsn_tf.config.flags). Of the config flags, `--seed` is the
     first sample seed and the sampling ones (`--n_steps_each`, `--step_lr`, `--denoise`,
     `--sampling_batch_size`) change how a model samples.
     """

@@ -58,7 +58,8 @@ import tensorflow as tf
 import yaml
 from absl import app, flags, logging
 
-from ncsn_tf import cli, presets, sampling
+from ncsn_tf import cli, sampling
+from ncsn_tf.config import presets
 from ncsn_tf import images as image_io
 
 METADATA_FILE = os.path.join("assets.extra", "ncsn_metadata.yaml")
@@ -442,10 +443,7 @@ def read_metadata(export_dir: str) -> dict[str, Any]:
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """Defines this CLI's flags on `flag_values`."""
     fv = dict(flag_values=flag_values)
-    flags.DEFINE_string("workdir", None, "Training workdir (config.yaml and checkpoints/); "
-                        "its latest checkpoint is exported.", **fv)
-    flags.DEFINE_string("checkpoint", None, "A checkpoint prefix (e.g. WORKDIR/checkpoints/"
-                        "ckpt-5000) instead of --workdir's latest one.", **fv)
+    cli.define_model_source_flags(flag_values, "exported")
     flags.DEFINE_string("model_name", "ncsn", "Model name: the directory under --base_path "
                         "and the name clients use in /v1/models/<name>.", **fv)
     flags.DEFINE_string("base_path", "saved_models", "Directory (or gs://, s3:// prefix) that "
@@ -467,9 +465,6 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                          "Default: the config's sampling_batch_size.", **fv)
     flags.DEFINE_integer("max_n_steps_each", DEFAULT_MAX_N_STEPS_EACH,
                          "Largest n_steps_each that sample_with_settings accepts.", **fv)
-    flags.DEFINE_enum("precision", None, ["fp32", "bf16", "fp16"], "Compute precision of the "
-                      "network. Default: the one it was trained with.", **fv)
-    flags.DEFINE_boolean("no_ema", False, "Export the live weights instead of the EMA ones.", **fv)
     flags.DEFINE_boolean("data_init", None, "Must be off (--nodata_init) for a model trained "
                          "or configured with data_init: a served model samples from uniform "
                          "noise, since requests carry no held-out images.", **fv)
@@ -482,9 +477,7 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
     try:
         if len(argv) > 1:
             raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-        if (f.workdir is None) == (f.checkpoint is None):
-            raise app.UsageError("Give exactly one of --workdir and --checkpoint.")
-        source = f.workdir or f.checkpoint
+        source = cli.model_source(f)
         net, config, step = checkpoints.load(source, ema=not f.no_ema, precision=f.precision)
         config = presets.override(config, **{
             k: f[k].value for k in ("data_init", "sampler", "num_steps", *_SAMPLER_SETTINGS)

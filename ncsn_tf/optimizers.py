@@ -10,7 +10,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from ncsn_tf import presets
+from ncsn_tf.config import presets, schema
 
 
 class Adam(keras.optimizers.Adam):
@@ -68,18 +68,10 @@ def _handle(variable) -> tf.Tensor:
 
 
 def build_optimizer(config: presets.Config) -> keras.optimizers.Optimizer:
-    """Adam from `config.optim`; wrapped in a dynamic LossScaleOptimizer for fp16 training."""
+    """Adam from `config.optim` (validated); wrapped in a dynamic LossScaleOptimizer for fp16
+    training."""
+    schema.validate(config)
     o = config.optim
-    if o.lr <= 0:
-        raise ValueError(f"optim.lr must be positive, got {o.lr}")
-    for name, beta in (("beta1", o.beta1), ("beta2", o.beta2)):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"optim.{name} must be in [0, 1), got {beta}")
-    if o.adam_eps <= 0:
-        raise ValueError(f"optim.adam_eps must be positive, got {o.adam_eps}")
-    if o.weight_decay < 0 or o.grad_clip < 0:
-        raise ValueError(f"optim.weight_decay and optim.grad_clip must be ≥ 0 (0 disables them), "
-                         f"got {o.weight_decay} and {o.grad_clip}")
     optimizer = Adam(learning_rate=o.lr, beta_1=o.beta1, beta_2=o.beta2, epsilon=o.adam_eps,
                      weight_decay=o.weight_decay, global_clipnorm=o.grad_clip or None)
     if config.training.precision == "fp16":

@@ -33,8 +33,8 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from ncsn_tf import cli, data, images, presets, progress, sampling
-from ncsn_tf import flags as config_flags
+from ncsn_tf import cli, data, images, progress, sampling
+from ncsn_tf.config import presets, schema
 
 NAMED_MASKS = ("right_half", "bottom_half", "center")
 _SAMPLER_FIELDS = (*cli.SAMPLER_FIELDS, "sampling_batch_size")
@@ -143,10 +143,7 @@ def interpolate(sampler: sampling.Sampler, seeds_a, seeds_b, n_interpolations: i
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """Defines this CLI's flags on `flag_values`."""
     fv = dict(flag_values=flag_values)
-    flags.DEFINE_string("workdir", None, "Training workdir (config.yaml and checkpoints/); "
-                        "its latest checkpoint is used.", **fv)
-    flags.DEFINE_string("checkpoint", None, "A checkpoint prefix (e.g. WORKDIR/checkpoints/"
-                        "ckpt-5000) instead of --workdir's latest one.", **fv)
+    cli.define_model_source_flags(flag_values, "sampled")
     flags.DEFINE_integer("num_samples", 64, "Number of images (rows with --interpolate).", **fv)
     flags.DEFINE_string("out", "samples.png", "PNG grid to write.", **fv)
     flags.DEFINE_string("npz", None, "Also save the images as uint8 [N, H, W, C] under "
@@ -171,17 +168,12 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                          "granularity). Default: about 1/50 of the levels.", **fv)
     flags.DEFINE_boolean("jit_compile", False, "Compile the sampler with XLA (meant for "
                          "GPUs/TPUs; slower on CPU, see README Benchmarks).", **fv)
-    flags.DEFINE_enum("precision", None, ["fp32", "bf16", "fp16"], "Compute precision of the "
-                      "network. Default: the one it was trained with.", **fv)
-    flags.DEFINE_boolean("no_ema", False, "Sample with the live weights instead of the EMA "
-                         "ones.", **fv)
     cli.define_sampler_flags(flag_values, _SAMPLER_FIELDS)
     flags.adopt_module_key_flags(cli, flag_values=flag_values)  # listed by --help
 
 
 def _check_flags(f) -> None:
-    if (f.workdir is None) == (f.checkpoint is None):
-        raise app.UsageError("Give exactly one of --workdir and --checkpoint.")
+    cli.model_source(f)
     if f.num_samples < 1:
         raise app.UsageError(f"--num_samples={f.num_samples} must be >= 1")
     if (f.inpaint is None) != (f.mask is None):
@@ -266,7 +258,7 @@ def _check_sampler_supports(f, config: presets.Config) -> None:
 def _sample(f) -> None:
     from ncsn_tf import checkpoints
 
-    source = f.workdir or f.checkpoint
+    source = cli.model_source(f)
     overrides = {k: f[k].value for k in _SAMPLER_FIELDS if f[k].value is not None}
     planned = presets.override(checkpoints.config_of(source), **overrides)
     _check_sampler_supports(f, planned)
@@ -280,7 +272,7 @@ def _sample(f) -> None:
         image, mask = images.read_image(f.inpaint, shape), read_mask(f.mask, shape)
     net, config, step = checkpoints.load(source, ema=not f.no_ema, precision=f.precision)
     config = presets.override(config, **overrides)
-    config_flags.validate(config)
+    schema.validate(config)
     sampler = sampling.for_network(
         net, config, trajectory_every=f.trajectory_every,
         diagnostics=f.diagnostics_dir is not None, jit_compile=f.jit_compile)

@@ -18,7 +18,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from ncsn_tf import models, optimizers, presets
+from ncsn_tf import models, optimizers
+from ncsn_tf.config import presets, schema
 from ncsn_tf.losses import dsm_loss
 
 _TRAIN_STREAM, _TEST_STREAM = 0, 1
@@ -70,8 +71,7 @@ class ScoreModel(keras.Model):
     def __init__(self, config: presets.Config, net: keras.Model | None = None,
                  ema_net: keras.Model | None = None, num_buckets: int = 4, **kwargs):
         super().__init__(**kwargs)
-        if not 0.0 <= config.model.ema_rate <= 1.0:
-            raise ValueError(f"model.ema_rate must be in [0, 1], got {config.model.ema_rate}")
+        schema.validate(config)
         if num_buckets < 1:
             raise ValueError(f"num_buckets must be ≥ 1, got {num_buckets}")
         self.config = config

@@ -1,7 +1,7 @@
 """Train NCSNv2: `python -m ncsn_tf.train --dataset=celeb_a --workdir=runs/celeba`.
 
 The config comes from a preset (that of --dataset, or --preset), an optional YAML file
-(--config) and per-field flags, in that order of precedence (see `ncsn_tf.flags`). Re-running
+(--config) and per-field flags, in that order of precedence (see `ncsn_tf.config.flags`). Re-running
 the same command resumes from the workdir's latest checkpoint; `--workdir=DIR` alone resumes
 with the config saved there. `--init_from=CHECKPOINT_OR_WORKDIR` starts a new run from the
 weights of another (e.g. converted official) checkpoint: fine-tuning. `--mode=test` evaluates
@@ -18,7 +18,7 @@ import sys
 from absl import app, flags, logging
 
 from ncsn_tf import cli
-from ncsn_tf import flags as config_flags
+from ncsn_tf.config import flags as config_flags
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:

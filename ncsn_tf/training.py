@@ -40,8 +40,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from ncsn_tf import (callbacks, checkpoints, data, models, noise, presets, sampling,
-                     workdir_lock)
+from ncsn_tf import callbacks, checkpoints, data, models, noise, sampling, workdir_lock
+from ncsn_tf.config import presets
 from ncsn_tf.score_model import ScoreModel
 
 STRATEGIES = ("mirrored", "multi_worker", "tpu", "one_device")

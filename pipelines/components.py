@@ -30,7 +30,7 @@ def example_gen(dataset: str, preset: str, data_dir: str, image_size: int, chann
     """
     import json
 
-    from ncsn_tf import flags
+    from ncsn_tf.config import flags
 
     config = flags.resolve_config(preset or None, overrides=dict(
         dataset=dataset, data_dir=data_dir or None, image_size=image_size or None,

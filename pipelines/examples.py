@@ -21,7 +21,8 @@ import numpy as np
 import tensorflow as tf
 import yaml
 
-from ncsn_tf import data, presets
+from ncsn_tf import data
+from ncsn_tf.config import presets
 
 CONFIG_FILE = "config.yaml"
 SPLITS = ("train", "eval")  # ExampleGen's names; ncsn_tf.data calls the held-out one "test"

@@ -28,7 +28,7 @@ from typing import Any
 
 from absl import app, flags, logging
 
-from ncsn_tf import flags as config_flags
+from ncsn_tf.config import flags as config_flags
 from pipelines import training
 
 # Config fields that ExampleGen takes as its own parameters, and those the pipeline names.

@@ -12,7 +12,8 @@ import os
 import shutil
 from typing import Any
 
-from ncsn_tf import flags, noise, presets
+from ncsn_tf import noise
+from ncsn_tf.config import flags, presets, schema
 from pipelines import examples, statistics
 
 # The data come from the Examples; these fields are set by ExampleGen's parameters.
@@ -46,7 +47,7 @@ def training_config(examples_dir: str, statistics_dir: str, overrides: dict[str,
         config = presets.override(config, **proposal)
         sources = {field: "proposed by StatisticsGen" for field in proposal}
     sources.update({field: "pipeline override" for field in overrides})
-    flags.validate(config)
+    schema.validate(config)
     return config, sources
 
 

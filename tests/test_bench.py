@@ -64,7 +64,8 @@ def test_conv_flops_closed_form():
 
 def test_conv_flops_of_ncsnv2_cifar10_matches_issue():
     """Issue 7 quotes about 19.8 GFLOP per 32x32 image forward for the CIFAR-10 network."""
-    from ncsn_tf import models, presets
+    from ncsn_tf import models
+    from ncsn_tf.config import presets
     net = models.build(presets.get("cifar10"))
     score = tf.function(lambda x, y: net(x, y, training=False))
     graph = score.get_concrete_function(tf.TensorSpec([1, 32, 32, 3]),
@@ -256,7 +257,7 @@ def test_calibration_mix_keeps_the_size():
 
 
 def test_official_side_gets_the_digits_preset_settings():
-    from ncsn_tf import presets
+    from ncsn_tf.config import presets
     config = presets.get("digits")
     ns = quality_vs_official._official_namespace(config)
     assert (ns.model.ngf, ns.model.num_classes, ns.model.sigma_begin, ns.model.sigma_end,
@@ -269,7 +270,8 @@ def test_official_side_gets_the_digits_preset_settings():
 def test_weights_exchanged_in_the_official_layout_round_trip(tmp_path):
     """ours_export writes a workdir's EMA weights in PyTorch layout; _our_net reads them back
     into the same network (what the cross pairings rely on)."""
-    from ncsn_tf import checkpoints, models, presets
+    from ncsn_tf import checkpoints, models
+    from ncsn_tf.config import presets
     config = presets.get("digits")
     keras.utils.set_random_seed(2)
     net = models.build(config)
@@ -312,7 +314,8 @@ def test_summary_table_of_the_comparison():
 
 
 def test_sampler_quality_bench_on_tiny_models(tmp_path, judge, capsys, monkeypatch):
-    from ncsn_tf import checkpoints, models, presets
+    from ncsn_tf import checkpoints, models
+    from ncsn_tf.config import presets
     config = presets.override(presets.get("digits"), ngf=4, num_scales=3, n_steps_each=1,
                               sampling_batch_size=4)
     workdirs = []

@@ -7,7 +7,8 @@ import pytest
 import tensorflow as tf
 import yaml
 
-from ncsn_tf import checkpoints, models, optimizers, presets
+from ncsn_tf import checkpoints, models, optimizers
+from ncsn_tf.config import presets
 from ncsn_tf.score_model import ScoreModel
 from test_score_model import images, tiny_config, tiny_model, train  # the stand-in setup
 

@@ -25,7 +25,8 @@ import pytest
 import tensorflow as tf
 from absl import flags
 
-from ncsn_tf import client, export, models, presets
+from ncsn_tf import client, export, models
+from ncsn_tf.config import presets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

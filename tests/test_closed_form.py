@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ncsn_tf import noise, presets
+from ncsn_tf import noise
+from ncsn_tf.config import presets
 from ncsn_tf.sampling import AnnealedLangevin
 
 MEANS = np.array([[-5.0, -5.0], [5.0, 5.0]], np.float32)

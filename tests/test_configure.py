@@ -13,7 +13,8 @@ from absl import flags as absl_flags
 from scipy.spatial.distance import pdist
 
 import ncsn_tf
-from ncsn_tf import configure, noise, presets
+from ncsn_tf import configure, noise
+from ncsn_tf.config import presets
 
 
 def _run(*argv):
@@ -78,7 +79,7 @@ def test_table_says_where_sigma_begin_came_from_and_prints_training_flags():
     (["--dim=784"], "--sigma_begin is required"),
     (["--dim=784", "--image_size=28", "--sigma_begin=1"], "either as --dim or"),
     (["--image_size=28", "--sigma_begin=1"], "--image_size and --channels go together"),
-    (["--dataset=digits", "--preset=digits", "--channels=2"], "--channels=2 must be 1 or 3"),
+    (["--dataset=digits", "--preset=digits", "--channels=2"], "--channels=2 must be one of 1, 3"),
     (["--dim=784", "--sigma_begin=1", "--exact"], "--exact applies only with --dataset"),
     (["--dim=784", "--sigma_begin=1", "--preset=mnist", "--max_examples=10"],
      "--preset, --max_examples apply only with --dataset"),

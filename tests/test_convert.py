@@ -15,7 +15,8 @@ import tensorflow as tf
 import yaml
 from absl import flags
 
-from ncsn_tf import checkpoints, convert, models, presets
+from ncsn_tf import checkpoints, convert, models
+from ncsn_tf.config import presets
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "ncsnv2_reference"
 CASES = {"ncsnv2_32": "ncsnv2", "ncsnv2_28": "ncsnv2", "ncsnv2deeper_64": "ncsnv2_deeper",

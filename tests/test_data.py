@@ -13,7 +13,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from ncsn_tf import data, presets
+from ncsn_tf import data
+from ncsn_tf.config import presets
 
 
 @pytest.fixture

@@ -13,7 +13,8 @@ import tensorflow as tf
 from absl import flags
 from tensorflow.core.protobuf import saved_model_pb2
 
-from ncsn_tf import export, models, presets, sampling
+from ncsn_tf import export, models, sampling
+from ncsn_tf.config import presets
 from ncsn_tf import images as image_io
 
 CONFIG = presets.override(presets.get("digits"), ngf=4, num_scales=4, n_steps_each=1,

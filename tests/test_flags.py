@@ -5,7 +5,7 @@ import pytest
 import yaml
 from absl import flags as absl_flags
 
-from ncsn_tf import flags, presets
+from ncsn_tf.config import flags, presets
 
 
 def _flag_values(argv):
@@ -77,7 +77,7 @@ def test_preset_is_inferred_from_the_dataset_or_the_image_size():
     ({"lr": 0.0}, "--lr=0.0 must be > 0"),
     ({"ema_rate": 1.0}, "--ema_rate=1.0 must be < 1"),
     ({"sigma_end": 60.0}, "must be larger than --sigma_end"),
-    ({"channels": 2}, "--channels=2 must be 1 or 3"),
+    ({"channels": 2}, "--channels=2 must be one of 1, 3"),
     ({"test_freq": -1}, "--test_freq=-1 must be >= 0"),
     ({"num_scales": 1}, "--num_scales=1 must be >= 2"),
     ({"sigma_begin": float("nan")}, "--sigma_begin=nan must be a finite number"),
@@ -143,3 +143,20 @@ def test_define_config_flags_is_idempotent_and_help_lists_every_field():
     help_text = fv.get_help()
     for _, field in _all_fields():
         assert f"--{field}:" in help_text or f"--[no]{field}:" in help_text, field
+
+
+def test_choices_come_from_the_registries_of_the_implementations():
+    from ncsn_tf import models, noise, sampling
+    from ncsn_tf.config import schema
+    fv = _flag_values([])
+    registries = {"sampler": tuple(sampling.SAMPLERS), "sigma_dist": noise.SIGMA_DISTS,
+                  "precision": tuple(models.PRECISION_POLICIES),
+                  "arch": ("auto", *models.ARCHITECTURES)}
+    for field, names in registries.items():
+        assert schema.choices(schema.fields()[field][1]) == names, field
+        assert fv[field].parser.enum_values == list(names), field
+    # A field declared with a range gets it from the one declaration, as the message says.
+    declared = schema.fields()["beta1"][1]
+    assert (declared.metadata["min"], declared.metadata["max"]) == (0, 1)
+    assert schema.range_problem(declared, 1.0) == "must be < 1"
+    assert schema.range_problem(declared, 0.0) is None

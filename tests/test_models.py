@@ -8,7 +8,8 @@ import pytest
 import scipy.ndimage
 import tensorflow as tf
 
-from ncsn_tf import models, presets
+from ncsn_tf import models
+from ncsn_tf.config import presets
 from ncsn_tf.models import layers
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from ncsn_tf import presets, training
+from ncsn_tf import training
+from ncsn_tf.config import presets
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = dict(ngf=8, num_scales=10, batch_size=8, n_iters=3, snapshot_freq=3, test_freq=0,

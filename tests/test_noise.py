@@ -10,7 +10,8 @@ import tensorflow as tf
 from scipy import stats
 from scipy.spatial.distance import pdist
 
-from ncsn_tf import noise, presets
+from ncsn_tf import noise
+from ncsn_tf.config import presets
 
 # (σ1, L, T, ε as the paper solves Eq. 6 for the official configs; σL = 0.01 everywhere)
 OFFICIAL = {

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ncsn_tf import optimizers, presets
+from ncsn_tf import optimizers
+from ncsn_tf.config import presets
 
 SHAPES = [(3, 4), (5,), (2, 3, 3, 2)]
 STEPS = 6

@@ -21,7 +21,8 @@ from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 from scipy import optimize, special
 
-from ncsn_tf import data, noise, presets
+from ncsn_tf import data, noise
+from ncsn_tf.config import presets
 from pipelines import evaluation, examples, pipeline, pushing, run, statistics, training
 from pipelines.pushing import PushedModel
 

@@ -11,7 +11,8 @@ import pytest
 import tensorflow as tf
 from absl import flags
 
-from ncsn_tf import checkpoints, models, presets, sample, sampling
+from ncsn_tf import checkpoints, models, sample, sampling
+from ncsn_tf.config import presets
 from ncsn_tf import images as image_io
 
 CONFIG = presets.override(presets.get("digits"), ngf=4, num_scales=4, n_steps_each=1,

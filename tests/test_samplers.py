@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ncsn_tf import models, presets, sampling
+from ncsn_tf import models, sampling
+from ncsn_tf.config import presets
 from ncsn_tf.sampling import (SAMPLERS, ConsistentAnnealed, DPMSolver, HeunODE,
                               PredictorCorrector, karras_sigmas)
 

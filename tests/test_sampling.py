@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ncsn_tf import presets
+from ncsn_tf.config import presets
 from ncsn_tf.sampling import (DIAGNOSTICS, AnnealedLangevin,
                               write_diagnostics)
 

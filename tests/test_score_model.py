@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ncsn_tf import optimizers, presets, score_model
+from ncsn_tf import optimizers, score_model
+from ncsn_tf.config import presets
 from ncsn_tf.score_model import ScoreModel, draw_perturbation
 
 SIZE, CHANNELS, LEVELS = 8, 1, 10

@@ -19,8 +19,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import flags as absl_flags
 
-from ncsn_tf import callbacks, checkpoints, data, presets, train, training
-from ncsn_tf import flags as config_flags
+from ncsn_tf import callbacks, checkpoints, data, train, training
+from ncsn_tf.config import presets, flags as config_flags
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(ngf=8, num_scales=10, batch_size=8, log_freq=1, n_steps_each=1,

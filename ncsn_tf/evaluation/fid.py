@@ -9,7 +9,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from ncsn_tf import data, metrics, presets
+from ncsn_tf import data, metrics
+from ncsn_tf.config import presets
 from ncsn_tf.evaluation.sources import batches_of, images_of
 from ncsn_tf.inception import FeatureNetwork
 from ncsn_tf.progress import Progress, duration

@@ -10,8 +10,8 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import tensorflow as tf
 
-from ncsn_tf import checkpoints, data, export, images as image_io, presets, sampling
-from ncsn_tf import flags as config_flags
+from ncsn_tf import checkpoints, data, export, images as image_io, sampling
+from ncsn_tf.config import presets, schema
 from ncsn_tf.evaluation.fid import ManifoldMetrics, Statistics, compute_fid_is, log_progress
 from ncsn_tf.inception import FeatureNetwork
 from ncsn_tf.progress import Progress
@@ -61,7 +61,7 @@ def load_checkpoint_model(path: str, config_overrides: dict[str, Any] | None = N
     overrides = {k: v for k, v in (config_overrides or {}).items() if v is not None}
     net, config, step = checkpoints.load(path, ema=True, precision=overrides.get("precision"))
     config = presets.override(config, **overrides)
-    config_flags.validate(config)
+    schema.validate(config)
     sample_fn = checkpoint_sample_fn(net, config)
     settings = {**_sampler_settings(config), "nfe": sampling.for_network(net, config).nfe()}
     return TrainedModel(sample_fn, config, step, path, settings, net)

@@ -1,7 +1,8 @@
 """NCSNv2 score networks and `build(config)`, which picks and builds one from a config."""
 from __future__ import annotations
 
-from ncsn_tf import noise, presets
+from ncsn_tf import noise
+from ncsn_tf.config import presets
 from ncsn_tf.models.layers import (CRPBlock, ConvMeanPool, InstanceNormPlus, MSFBlock, RCUBlock,
                                    RefineBlock, ResidualBlock)
 from ncsn_tf.models.ncsnv2 import NCSNv2, NCSNv2Deeper, NCSNv2Deepest, RefineNetScore

@@ -14,7 +14,7 @@ network (`ald` on the σ table through `net(x, labels)`, the others through the 
 """
 from __future__ import annotations
 
-from ncsn_tf import presets
+from ncsn_tf.config import presets
 from ncsn_tf.sampling.ald import AnnealedLangevin
 from ncsn_tf.sampling.cas import ConsistentAnnealed
 from ncsn_tf.sampling.dpm import DPMSolver
