@@ -35,7 +35,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-from ncsn_tf import checkpoints, cli, data, export, inception
+from ncsn_tf import checkpoints, cli, data, serving, inception
 from ncsn_tf.config import presets, flags as config_flags
 from ncsn_tf import images as image_io
 from ncsn_tf.evaluation import (SWEEP_CSV, SWEEP_LOGDIR, ManifoldMetrics, Statistics,
@@ -263,7 +263,7 @@ def _evaluate_model(f) -> dict[str, Any]:
     num_samples = f.num_samples or DEFAULT_NUM_SAMPLES["model"]
     image_bytes = 0
     if f.save_samples:
-        planned = (presets.Config.from_dict(export.read_metadata(f.saved_model)["config"])
+        planned = (presets.Config.from_dict(serving.read_metadata(f.saved_model)["config"])
                    if f.saved_model else checkpoints.config_of(f.workdir or f.checkpoint))
         image_bytes = planned.data.image_size ** 2 * planned.data.channels * 4  # float32
     cli.check_memory(num_samples, _FEATURE_BYTES + image_bytes,

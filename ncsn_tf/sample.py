@@ -34,6 +34,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from ncsn_tf import cli, data, images, progress, sampling
+from ncsn_tf.config import flags as config_flags
 from ncsn_tf.config import presets, schema
 
 NAMED_MASKS = ("right_half", "bottom_half", "center")
@@ -169,7 +170,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_boolean("jit_compile", False, "Compile the sampler with XLA (meant for "
                          "GPUs/TPUs; slower on CPU, see README Benchmarks).", **fv)
     cli.define_sampler_flags(flag_values, _SAMPLER_FIELDS)
-    flags.adopt_module_key_flags(cli, flag_values=flag_values)  # listed by --help
+    for module in (cli, config_flags):  # --help lists the toolkit's flags too
+        flags.adopt_module_key_flags(module, flag_values=flag_values)
 
 
 def _check_flags(f) -> None:

@@ -1,11 +1,11 @@
 """Train NCSNv2: `python -m ncsn_tf.train --dataset=celeb_a --workdir=runs/celeba`.
 
 The config comes from a preset (that of --dataset, or --preset), an optional YAML file
-(--config) and per-field flags, in that order of precedence (see `ncsn_tf.config.flags`). Re-running
-the same command resumes from the workdir's latest checkpoint; `--workdir=DIR` alone resumes
-with the config saved there. `--init_from=CHECKPOINT_OR_WORKDIR` starts a new run from the
-weights of another (e.g. converted official) checkpoint: fine-tuning. `--mode=test` evaluates
-every checkpoint on the held-out split.
+(--config) and per-field flags, in that order of precedence (see `ncsn_tf.config.flags`).
+Re-running the same command resumes from the workdir's latest checkpoint; `--workdir=DIR`
+alone resumes with the config saved there. `--init_from=CHECKPOINT_OR_WORKDIR` starts a new
+run from the weights of another (e.g. converted official) checkpoint: fine-tuning.
+`--mode=test` evaluates every checkpoint on the held-out split.
 
 Exit status: 0 when done; 1 on bad flags or config, or a diverged (non-finite) loss, with a
 message saying what to change; 128 + signal number when stopped by SIGTERM/SIGINT after
@@ -18,42 +18,21 @@ import sys
 from absl import app, flags, logging
 
 from ncsn_tf import cli
-from ncsn_tf.config import flags as config_flags
+from ncsn_tf.config import flags as config_flags, schema
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """Defines this CLI's flags (the config flags included) on `flag_values`."""
     fv = dict(flag_values=flag_values)
     config_flags.define_config_flags(flag_values)
-    flags.adopt_module_key_flags(config_flags, **fv)  # --help lists the config flags too
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs, samples "
                         "and the resolved config.yaml; re-running resumes from it.",
                         required=True, **fv)
     flags.DEFINE_enum("mode", "train", ["train", "test"], "train: train or resume. test: the "
                       "EMA weights' DSM loss of every checkpoint on the held-out split, to "
                       "WORKDIR/test_losses.csv and TensorBoard.", **fv)
-    flags.DEFINE_enum("strategy", "mirrored", ["mirrored", "multi_worker", "tpu", "one_device"],
-                      "mirrored: all local GPUs (or the CPU). multi_worker: "
-                      "MultiWorkerMirroredStrategy configured by TF_CONFIG. tpu: TPUStrategy "
-                      "(see --tpu). one_device: the first GPU or the CPU.", **fv)
-    flags.DEFINE_string("tpu", None, "TPU name or grpc:// address for --strategy=tpu ('local' "
-                        "on a TPU VM).", **fv)
-    flags.DEFINE_bool("jit_compile", False, "Compile the training step with XLA (meant "
-                      "for GPUs/TPUs; about 0.6x the speed on CPU, see README Benchmarks).", **fv)
-    flags.DEFINE_integer("snapshot_samples", 36, "Images in the sample grid drawn at every "
-                         "snapshot (0: none; see also --nosnapshot_sampling).", lower_bound=0,
-                         **fv)
-    flags.DEFINE_integer("snapshot_num_scales", 100, "Noise levels of the short Langevin run "
-                         "at each snapshot: an evenly spread subset of the sigma table, with "
-                         "the Technique 4 step size for it; 0 uses every level (the official "
-                         "full run).", lower_bound=0, **fv)
-    flags.DEFINE_bool("allow_config_change", False, "Resume a workdir even though the config "
-                      "changed in a way that alters training (batch size, lr, ...).", **fv)
-    flags.DEFINE_string("init_from", None, "Fine-tune: start a new run (step 0, fresh "
-                        "optimizer) from the live and EMA weights of this workdir or checkpoint "
-                        "prefix, e.g. one written by ncsn_tf.convert from official weights. The "
-                        "architecture (arch, ngf, channels) must match; the noise levels, data "
-                        "and optimizer settings are this run's.", **fv)
+    config_flags.define_option_flags(schema.RunOptions, flag_values)
+    flags.adopt_module_key_flags(config_flags, **fv)  # --help lists the config flags too
     flags.DEFINE_integer("test_batches", 0, "--mode=test: batches per checkpoint (0: the "
                          "whole held-out split).", lower_bound=0, **fv)
 
@@ -75,10 +54,7 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
             training.evaluate_checkpoints(config, f.workdir, strategy,
                                           max_batches=f.test_batches or None)
             return 0
-        options = training.RunOptions(
-            strategy=f.strategy, tpu=f.tpu, jit_compile=f.jit_compile,
-            snapshot_samples=f.snapshot_samples, snapshot_num_scales=f.snapshot_num_scales,
-            allow_config_change=f.allow_config_change, init_from=f.init_from)
+        options = config_flags.options_from_flags(schema.RunOptions, f)
         result = training.train(config, f.workdir, options, strategy)
     except (training.RunConfigError, data.MissingDataError, checkpoints.CheckpointError,
             workdir_lock.WorkdirLockedError, FileNotFoundError) as error:

@@ -42,6 +42,7 @@ from absl import logging
 
 from ncsn_tf import callbacks, checkpoints, data, models, noise, sampling, workdir_lock
 from ncsn_tf.config import presets
+from ncsn_tf.config.schema import RunOptions
 from ncsn_tf.score_model import ScoreModel
 
 STRATEGIES = ("mirrored", "multi_worker", "tpu", "one_device")
@@ -58,35 +59,6 @@ SAMPLES_DIR = "samples"
 
 class RunConfigError(ValueError):
     """The config does not fit this run: the strategy's replicas or the workdir's past run."""
-
-
-@dataclasses.dataclass(frozen=True)
-class RunOptions:
-    """How to run a training job, as opposed to what to train (the config).
-
-    Attributes:
-      strategy: one of STRATEGIES.
-      tpu: TPU name or grpc:// address for strategy="tpu" ("" or "local" for a TPU VM).
-      jit_compile: compile the train step with XLA.
-      snapshot_samples: images in each snapshot grid.
-      snapshot_num_scales: noise levels of the snapshot's short Langevin run: an evenly spread
-        subset of the σ table with the Technique 4 step size for its ratio; 0 = all levels
-        with the config's step_lr (the official full run).
-      allow_config_change: resume a workdir although the config changed in ways that alter
-        the training (batch size, learning rate, ...).
-      deterministic_data: reproducible input order (slower); always on for multi-worker.
-      init_from: a workdir or checkpoint prefix whose live and EMA weights start a new run
-        (step 0, fresh optimizer; the architecture must match). Ignored, with a warning, when
-        the workdir already holds a checkpoint to resume.
-    """
-    strategy: str = "mirrored"
-    tpu: str | None = None
-    jit_compile: bool = False
-    snapshot_samples: int = 36
-    snapshot_num_scales: int = 100
-    allow_config_change: bool = False
-    deterministic_data: bool = False
-    init_from: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Pusher's work: a blessed model becomes the next version under TF Serving's model base path.
 
-`push` exports the EMA weights with `ncsn_tf.export` (signatures, metadata) with the
+`push` exports the EMA weights with `ncsn_tf.serving.export` (signatures, metadata) with the
 Evaluator's metrics as an extra file, `assets.extra/pipeline_evaluation.json`: the whole version
 is staged and renamed at once, so a server polling `<serving_base>/<model_name>/` never sees a
 model without its evaluation.
@@ -15,7 +15,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from ncsn_tf import export
+from ncsn_tf import serving
 
 EVALUATION_FILE = os.path.join("assets.extra", "pipeline_evaluation.json")
 
@@ -32,7 +32,7 @@ class PushedModel:
 def latest(serving_base: str, model_name: str) -> PushedModel | None:
     """The version TF Serving serves (the highest), or None when there is none yet."""
     model_dir = os.path.join(serving_base, model_name)
-    version = export.next_version(model_dir) - 1
+    version = serving.next_version(model_dir) - 1
     if version < 1:
         return None
     path = os.path.join(model_dir, str(version))
@@ -50,8 +50,8 @@ def push(model_dir: str, serving_base: str, model_name: str,
     `<serving_base>/<model_name>`, with `evaluation` recorded in it."""
     from ncsn_tf import checkpoints
 
-    export.check_model_name(model_name)
+    serving.check_model_name(model_name)
     net, config, step = checkpoints.load(model_dir, ema=True)
-    path = export.export(net, config, step, serving_base, model_name, checkpoint=model_dir,
+    path = serving.export(net, config, step, serving_base, model_name, checkpoint=model_dir,
                          extra_files={EVALUATION_FILE: json.dumps(evaluation, indent=2)})
     return PushedModel(int(os.path.basename(path.rstrip("/"))), path, evaluation)

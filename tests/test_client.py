@@ -25,13 +25,14 @@ import pytest
 import tensorflow as tf
 from absl import flags
 
-from ncsn_tf import client, export, models
+from ncsn_tf import client, serving, models
 from ncsn_tf.config import presets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-CONFIG = presets.override(presets.get("digits"), ngf=4, num_scales=3, n_steps_each=1)
-SETTINGS = export.ServingSettings(n_steps_each=1, step_lr=2e-5, denoise=True, max_batch=4)
+CONFIG = presets.override(presets.get("digits"), ngf=4, num_scales=3, n_steps_each=1,
+                          step_lr=2e-5, denoise=True)
+LIMITS = serving.ServingLimits(max_batch=4)
 
 
 def request_tensors(body: dict, signature) -> dict[str, tf.Tensor]:
@@ -110,8 +111,8 @@ def serve(model, body: dict) -> dict:
 def model(tmp_path_factory):
     keras.utils.set_random_seed(0)
     net = models.build(CONFIG)
-    path = export.export(net, CONFIG, 5, str(tmp_path_factory.mktemp("models")), "ncsn",
-                         settings=SETTINGS)
+    path = serving.export(net, CONFIG, 5, str(tmp_path_factory.mktemp("models")), "ncsn",
+                         limits=LIMITS)
     return tf.saved_model.load(path)
 
 
@@ -228,9 +229,9 @@ def test_client_cli_writes_a_grid(model, server, tmp_path):
 
 def test_client_shows_the_served_settings(server, capsys):
     settings = client.sampler_settings(server, "ncsn")
-    assert settings["sampler"]["n_steps_each"] == SETTINGS.n_steps_each
-    assert settings["sampler"]["step_lr"] == pytest.approx(SETTINGS.step_lr)
-    assert settings["bounds"]["max_batch"] == SETTINGS.max_batch and settings["step"] == 5
+    assert settings["sampler"]["n_steps_each"] == CONFIG.sampling.n_steps_each
+    assert settings["sampler"]["step_lr"] == pytest.approx(CONFIG.sampling.step_lr)
+    assert settings["bounds"]["max_batch"] == LIMITS.max_batch and settings["step"] == 5
     fv = flags.FlagValues()
     client.define_flags(fv)
     client.main(fv(["client", f"--host={server}", "--model=ncsn", "--show_settings"]), fv)

@@ -14,7 +14,7 @@ import tensorflow as tf
 from absl import app as absl_app
 from absl import flags as absl_flags
 
-from ncsn_tf import checkpoints, evaluate, evaluation, export, inception, metrics, models
+from ncsn_tf import checkpoints, evaluate, evaluation, serving, inception, metrics, models
 from ncsn_tf.config import presets
 from ncsn_tf import sampling
 from ncsn_tf import images as image_io
@@ -458,9 +458,9 @@ def test_fid_of_a_checkpoint_equals_fid_of_its_samples_saved_to_npz(net, tiny_ru
 
 def test_saved_model_draws_the_checkpoints_samples(net, tiny_run, grey_reference, tmp_path):
     _, ema_net, draw = tiny_run
-    settings = export.ServingSettings(n_steps_each=1, step_lr=TINY.sampling.step_lr,
-                                      denoise=False, max_batch=4)
-    path = export.export(ema_net, TINY, 100, str(tmp_path), "tiny", settings=settings)
+    config = presets.override(TINY, n_steps_each=1, denoise=False)
+    path = serving.export(ema_net, config, 100, str(tmp_path), "tiny",
+                          limits=serving.ServingLimits(max_batch=4))
     model = evaluation.load_saved_model(path)
     kept = []
     result = evaluation.model_fid_is(model, net, grey_reference, num_samples=9, batch_size=5,

@@ -13,14 +13,13 @@ import tensorflow as tf
 from absl import flags
 from tensorflow.core.protobuf import saved_model_pb2
 
-from ncsn_tf import export, models, sampling
+from ncsn_tf import export, serving, models, sampling
 from ncsn_tf.config import presets
 from ncsn_tf import images as image_io
 
 CONFIG = presets.override(presets.get("digits"), ngf=4, num_scales=4, n_steps_each=1,
-                          sampling_batch_size=4)
-SETTINGS = export.ServingSettings(n_steps_each=1, step_lr=2e-5, denoise=True, max_batch=4,
-                                  max_n_steps_each=3)
+                          step_lr=2e-5, denoise=True, sampling_batch_size=4)
+LIMITS = serving.ServingLimits(max_batch=4, max_n_steps_each=3)
 STEP = 1234
 SHAPE = (16, 16, 1)
 
@@ -37,7 +36,7 @@ def exported(net, tmp_path_factory):
     for name in ("3", "latest", "10.5"):  # an older version and names TF Serving ignores
         os.makedirs(base / "tiny" / name)
     (base / "tiny" / "17").write_text("a file, not a version directory")
-    path = export.export(net, CONFIG, STEP, str(base), "tiny", settings=SETTINGS,
+    path = serving.export(net, CONFIG, STEP, str(base), "tiny", limits=LIMITS,
                          checkpoint="somewhere/ckpt-1234")
     return path
 
@@ -52,8 +51,8 @@ def library(net):
     """The library's samplers (with and without denoising) on the exported network."""
     score_fn = tf.function(lambda x, labels: net(x, labels, training=False))
     return {denoise: sampling.AnnealedLangevin(
-        score_fn, net.sigmas, SHAPE, n_steps_each=SETTINGS.n_steps_each,
-        step_lr=SETTINGS.step_lr, denoise=denoise) for denoise in (True, False)}
+        score_fn, net.sigmas, SHAPE, n_steps_each=CONFIG.sampling.n_steps_each,
+        step_lr=CONFIG.sampling.step_lr, denoise=denoise) for denoise in (True, False)}
 
 
 def _seeds(*values):
@@ -63,7 +62,7 @@ def _seeds(*values):
 def test_version_and_metadata(exported, model):
     assert exported == os.path.join(os.path.dirname(exported), "4")  # after "3"
     assert sorted(os.listdir(os.path.dirname(exported))) == ["10.5", "17", "3", "4", "latest"]
-    meta = export.read_metadata(exported)
+    meta = serving.read_metadata(exported)
     assert meta["step"] == STEP
     assert meta["checkpoint"] == "somewhere/ckpt-1234"
     assert presets.Config.from_dict(meta["config"]) == CONFIG
@@ -72,7 +71,7 @@ def test_version_and_metadata(exported, model):
     assert meta["bounds"]["max_batch"] == 4
     assert meta["bounds"]["max_step_lr"] == pytest.approx(CONFIG.model.sigma_end ** 2)
     assert int(model.step.numpy()) == STEP
-    assert set(model.signatures) == set(export.SIGNATURES)
+    assert set(model.signatures) == set(serving.SIGNATURES)
     # The same settings, served: what a client needs to call sample_with_settings sensibly.
     served = model.signatures["sampler_settings"](seed=tf.constant([0], tf.int64))["json"]
     assert json.loads(served.numpy()) == {k: v for k, v in meta.items()
@@ -187,11 +186,12 @@ def test_requests_out_of_bounds_are_invalid_argument(model, signature, inputs, m
 
 
 def test_settings_out_of_bounds_are_rejected_at_export(net, tmp_path):
-    bad = [dict(step_lr=2e-4), dict(n_steps_each=4), dict(max_batch=0), dict(step_lr=-1.0)]
-    for change in bad:
-        settings = dataclasses.replace(SETTINGS, **change)
+    bad = [(dict(step_lr=2e-4), {}), (dict(n_steps_each=4), {}), ({}, dict(max_batch=0)),
+           (dict(step_lr=-1.0), {})]
+    for sampler_settings, limits in bad:
         with pytest.raises(ValueError, match="Invalid export settings"):
-            export.export(net, CONFIG, 0, str(tmp_path), "tiny", settings=settings)
+            serving.export(net, presets.override(CONFIG, **sampler_settings), 0, str(tmp_path),
+                           "tiny", limits=dataclasses.replace(LIMITS, **limits))
     assert not os.path.exists(tmp_path / "tiny")
 
 
@@ -201,11 +201,11 @@ def test_model_names_that_leave_the_base_path_are_refused(net, tmp_path, name):
     from pipelines import pushing
     base = tmp_path / "base" / "inner"
     with pytest.raises(ValueError, match="must be a plain, non-numeric directory name"):
-        export.export(net, CONFIG, 0, str(base), name, settings=SETTINGS)
+        serving.export(net, CONFIG, 0, str(base), name, limits=LIMITS)
     with pytest.raises(ValueError, match="must be a plain, non-numeric directory name"):
         pushing.push(str(tmp_path / "no-workdir"), str(base), name, {})
     assert not (tmp_path / "base").exists()
-    assert export.check_model_name("ncsn-v2.1_b") == "ncsn-v2.1_b"
+    assert serving.check_model_name("ncsn-v2.1_b") == "ncsn-v2.1_b"
 
 
 def test_staging_folders_of_killed_exports_are_removed(tmp_path):
@@ -219,14 +219,14 @@ def test_staging_folders_of_killed_exports_are_removed(tmp_path):
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()
     host = socket.gethostname()
-    dead = model_dir / f"{export._TEMP_PREFIX}{host}-{gone}-abc"
-    running = model_dir / f"{export._TEMP_PREFIX}{host}-{os.getpid()}-def"
-    old = model_dir / f"{export._TEMP_PREFIX}elsewhere-1-ghi"
-    recent = model_dir / f"{export._TEMP_PREFIX}elsewhere-2-jkl"
+    dead = model_dir / f"{serving.versions.TEMP_PREFIX}{host}-{gone}-abc"
+    running = model_dir / f"{serving.versions.TEMP_PREFIX}{host}-{os.getpid()}-def"
+    old = model_dir / f"{serving.versions.TEMP_PREFIX}elsewhere-1-ghi"
+    recent = model_dir / f"{serving.versions.TEMP_PREFIX}elsewhere-2-jkl"
     for folder in (dead, running, old, recent):
         os.makedirs(folder / "variables")
     os.utime(old, (time.time() - 2 * 86_400,) * 2)
-    path = export.save_version(lambda d: open(os.path.join(d, "saved_model.pb"), "w").close(),
+    path = serving.save_version(lambda d: open(os.path.join(d, "saved_model.pb"), "w").close(),
                                str(model_dir))
     assert path == str(model_dir / "1")
     assert sorted(p.name for p in model_dir.iterdir()) == sorted(["1", running.name,
@@ -234,11 +234,11 @@ def test_staging_folders_of_killed_exports_are_removed(tmp_path):
 
 
 def test_next_version(tmp_path):
-    assert export.next_version(str(tmp_path / "missing")) == 1
+    assert serving.next_version(str(tmp_path / "missing")) == 1
     for name in ("1", "2", "9", "latest", ".tmp-export-x", "3.0"):
         os.makedirs(tmp_path / name)
     (tmp_path / "42").write_text("")
-    assert export.next_version(str(tmp_path)) == 10
+    assert serving.next_version(str(tmp_path)) == 10
 
 
 def test_version_directory_appears_atomically(tmp_path):
@@ -252,7 +252,7 @@ def test_version_directory_appears_atomically(tmp_path):
         with open(os.path.join(directory, "saved_model.pb"), "w") as f:
             f.write("model")
 
-    path = export.save_version(write, model_dir)
+    path = serving.save_version(write, model_dir)
     assert path == os.path.join(model_dir, "6")
     staging = [name for name in seen[0] if name != "5"]  # while writing: only a temp dir
     assert len(staging) == 1 and not staging[0].isdigit()
@@ -265,7 +265,7 @@ def test_version_directory_appears_atomically(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        export.save_version(failing_write, model_dir)
+        serving.save_version(failing_write, model_dir)
     assert sorted(os.listdir(model_dir)) == ["5", "6"]  # no new version, no temp dir left
 
 
@@ -283,7 +283,7 @@ def test_object_store_copies_saved_model_last(monkeypatch):
             with open(os.path.join(directory, name), "w") as f:
                 f.write(name)
 
-    path = export.save_version(write, model_dir)
+    path = serving.save_version(write, model_dir)
     assert path == model_dir + "/3"
     assert copied[-1] == path + "/saved_model.pb" and len(copied) == 3
     with tf.io.gfile.GFile(path + "/variables/variables.index") as f:
@@ -357,7 +357,7 @@ def test_cli_exports_an_imported_official_checkpoint(tmp_path):
     loaded = tf.saved_model.load(str(tmp_path / "models" / "ncsn" / "1"))
     images = loaded.signatures["serving_default"](seed=_seeds(0))["images"]
     assert images.dtype == tf.uint8 and images.shape == (1, 28, 28, 1)
-    assert export.read_metadata(str(tmp_path / "models" / "ncsn" / "1"))["num_levels"] == 10
+    assert serving.read_metadata(str(tmp_path / "models" / "ncsn" / "1"))["num_levels"] == 10
 
 
 def test_cli_exports_a_workdir(net, tmp_path):
@@ -371,7 +371,7 @@ def test_cli_exports_a_workdir(net, tmp_path):
                "--model_name=digits", "--max_batch=2", "--n_steps_each=2"])
     export.main(argv, fv)
     path = tmp_path / "models" / "digits" / "1"
-    meta = export.read_metadata(str(path))
+    meta = serving.read_metadata(str(path))
     assert meta["step"] == 77 and meta["checkpoint"] == workdir
     assert meta["sampler"]["n_steps_each"] == 2 and meta["bounds"]["max_batch"] == 2
     fv = flags.FlagValues()
@@ -389,8 +389,8 @@ def test_data_init_is_refused_unless_turned_off(net, tmp_path):
     workdir = str(tmp_path / "run")
     checkpoints.save_converted(workdir, presets.override(CONFIG, data_init=True), net, net, 5)
     with pytest.raises(ValueError, match="data_init.*--nodata_init"):
-        export.export(net, presets.override(CONFIG, data_init=True), 5, str(tmp_path), "x",
-                      settings=SETTINGS)
+        serving.export(net, presets.override(CONFIG, data_init=True), 5, str(tmp_path), "x",
+                      limits=LIMITS)
 
     def run(*extra):
         fv = flags.FlagValues()
@@ -402,7 +402,7 @@ def test_data_init_is_refused_unless_turned_off(net, tmp_path):
         run()
     assert not (tmp_path / "m").exists()
     run("--nodata_init")
-    assert not export.read_metadata(str(tmp_path / "m" / "ncsn" / "1"))["config"]["sampling"][
+    assert not serving.read_metadata(str(tmp_path / "m" / "ncsn" / "1"))["config"]["sampling"][
         "data_init"]
 
 
@@ -410,8 +410,8 @@ def test_export_with_a_fast_sampler(net, tmp_path):
     """--sampler=heun: serving_default runs the ODE sampler (as the library does, and as
     recorded with its NFE); inpaint falls back to ald, which can inpaint."""
     config = presets.override(CONFIG, sampler="heun", num_steps=3)
-    path = export.export(net, config, STEP, str(tmp_path), "fast", settings=SETTINGS)
-    meta = export.read_metadata(path)
+    path = serving.export(net, config, STEP, str(tmp_path), "fast", limits=LIMITS)
+    meta = serving.read_metadata(path)
     assert meta["sampler"]["name"] == "heun" and meta["sampler"]["nfe"] == 5
     assert meta["sampler"]["num_steps"] == 3 and meta["sampler"]["inpaint"] == "ald"
     loaded = tf.saved_model.load(path)
@@ -430,17 +430,17 @@ def test_export_with_the_multistep_sampler(net, tmp_path):
     """--sampler=dpm: serving_default equals the library's dpm run; with η > 0 inpaint uses dpm
     itself, with η = 0 (the ODE, deterministic) it falls back to ald."""
     config = presets.override(CONFIG, sampler="dpm", num_steps=4)
-    path = export.export(net, config, STEP, str(tmp_path), "dpm", settings=SETTINGS)
-    meta = export.read_metadata(path)
+    path = serving.export(net, config, STEP, str(tmp_path), "dpm", limits=LIMITS)
+    meta = serving.read_metadata(path)
     assert (meta["sampler"]["name"], meta["sampler"]["nfe"], meta["sampler"]["inpaint"]) == (
         "dpm", 4, "dpm")
     loaded = tf.saved_model.load(path)
     images = loaded.signatures["serving_default"](seed=_seeds(3, 4))["images"]
     dpm = sampling.for_network(net, config)
     np.testing.assert_array_equal(images, image_io.to_uint8(dpm.sample(_seeds(3, 4))["samples"]))
-    ode = export.export(net, presets.override(config, eta=0.0), STEP, str(tmp_path), "ode",
-                        settings=SETTINGS)
-    assert export.read_metadata(ode)["sampler"]["inpaint"] == "ald"
+    ode = serving.export(net, presets.override(config, eta=0.0), STEP, str(tmp_path), "ode",
+                        limits=LIMITS)
+    assert serving.read_metadata(ode)["sampler"]["inpaint"] == "ald"
 
 
 def test_cli_fixes_the_sampler_and_its_settings(net, tmp_path):
@@ -452,6 +452,6 @@ def test_cli_fixes_the_sampler_and_its_settings(net, tmp_path):
     export.define_flags(fv)
     export.main(fv(["export", f"--workdir={workdir}", f"--base_path={tmp_path / 'm'}",
                     "--sampler=heun", "--num_steps=4", "--churn=10"]), fv)
-    meta = export.read_metadata(str(tmp_path / "m" / "ncsn" / "1"))
+    meta = serving.read_metadata(str(tmp_path / "m" / "ncsn" / "1"))
     assert (meta["sampler"]["name"], meta["sampler"]["nfe"]) == ("heun", 7)
     assert meta["config"]["sampling"]["churn"] == 10.0

@@ -13,6 +13,7 @@ ones winning:
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import yaml
@@ -33,20 +34,49 @@ def define_field_flag(field: str, help_suffix: str, flag_values: flags.FlagValue
                       prefix: str = "") -> None:
     """The flag of one config field: its help (+ `help_suffix`), type and choices, unset
     (None) by default so that a flag left out keeps the value of the layers below."""
-    help_str = f"{prefix}{help_text(field)} {help_suffix}"
-    allowed = schema.choices(schema.fields()[field][1])
-    kind = schema.kind(field)
+    _define(schema.fields()[field][1], schema.kind(field), None,
+            f"{prefix}{help_text(field)} {help_suffix}", flag_values)
+
+
+def define_option_flags(cls: type, flag_values: flags.FlagValues) -> None:
+    """One flag per field of the options dataclass `cls` (e.g. `schema.RunOptions`), with the
+    field's default."""
+    for declared in dataclasses.fields(cls):
+        _define(declared, schema._type(cls, declared.name), declared.default,
+                declared.metadata["help"], flag_values)
+
+
+def options_from_flags(cls: type, flag_values: flags.FlagValues):
+    """The `cls` options given by `define_option_flags`' flags (parsed), validated."""
+    options = cls(**{f.name: flag_values[f.name].value for f in dataclasses.fields(cls)})
+    found = schema.problems(options)
+    if found:
+        raise ValueError("Invalid flags:\n  " + "\n  ".join(found))
+    return options
+
+
+def _define(declared, kind: type, default: Any, help_str: str,
+            flag_values: flags.FlagValues) -> None:
+    allowed = schema.choices(declared)
     if allowed is not None and kind is str:
-        flags.DEFINE_enum(field, None, list(allowed), help_str, flag_values=flag_values)
+        flags.DEFINE_enum(declared.name, default, list(allowed), help_str,
+                          flag_values=flag_values)
         return
     define = {bool: flags.DEFINE_boolean, int: flags.DEFINE_integer,
               float: flags.DEFINE_float, str: flags.DEFINE_string}.get(kind)
     if define is None:
-        raise TypeError(f"Config field {field} has type {kind}, which has no flag type; "
-                        "extend ncsn_tf.config.flags.define_field_flag")
+        raise TypeError(f"Setting {declared.name} has type {kind}, which has no flag type; "
+                        "extend ncsn_tf.config.flags._define")
     if allowed is not None:
         help_str += f" One of {', '.join(map(str, allowed))}."
-    define(field, None, help_str, flag_values=flag_values)
+    bounds = {}
+    if kind in (int, float) and default is not None:  # closed ends checked while parsing
+        meta = declared.metadata
+        if meta.get("min") is not None and not meta["min_open"]:
+            bounds["lower_bound"] = meta["min"]
+        if meta.get("max") is not None and not meta["max_open"]:
+            bounds["upper_bound"] = meta["max"]
+    define(declared.name, default, help_str, flag_values=flag_values, **bounds)
 
 
 def define_config_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:

@@ -205,6 +205,38 @@ class Config:
         return config
 
 
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How to run a training job, as opposed to what to train (the config)."""
+    strategy: str = setting(
+        "mirrored", "mirrored: all local GPUs (or the CPU). multi_worker: "
+        "MultiWorkerMirroredStrategy configured by TF_CONFIG. tpu: TPUStrategy (see --tpu). "
+        "one_device: the first GPU or the CPU.",
+        choices=Registry("ncsn_tf.training", "STRATEGIES"))
+    tpu: str | None = setting(None, "TPU name or grpc:// address for --strategy=tpu ('local' "
+                                    "on a TPU VM).")
+    jit_compile: bool = setting(False, "Compile the training step with XLA (meant for "
+                                       "GPUs/TPUs; about 0.6x the speed on CPU, see README "
+                                       "Benchmarks).")
+    snapshot_samples: int = setting(36, "Images in the sample grid drawn at every snapshot "
+                                        "(0: none; see also --nosnapshot_sampling).", min=0)
+    snapshot_num_scales: int = setting(
+        100, "Noise levels of the short Langevin run at each snapshot: an evenly spread "
+        "subset of the sigma table, with the Technique 4 step size for it; 0 uses every level "
+        "(the official full run).", min=0)
+    allow_config_change: bool = setting(False, "Resume a workdir even though the config "
+                                               "changed in a way that alters training (batch "
+                                               "size, lr, ...).")
+    deterministic_data: bool = setting(False, "Reproducible input order (slower); always on "
+                                              "for multi-worker training.")
+    init_from: str | None = setting(
+        None, "Fine-tune: start a new run (step 0, fresh optimizer) from the live and EMA "
+        "weights of this workdir or checkpoint prefix, e.g. one written by ncsn_tf.convert from "
+        "official weights. The architecture (arch, ngf, channels) must match; the noise levels, "
+        "data and optimizer settings are this run's. Ignored, with a warning, when the workdir "
+        "already holds a checkpoint to resume.")
+
+
 SECTIONS = ("data", "model", "optim", "training", "sampling")
 
 
@@ -219,13 +251,17 @@ def fields() -> dict[str, tuple[str, dataclasses.Field]]:
 
 
 @functools.cache
-def kind(field: str) -> type:
-    """The Python type of a flat config field (`str | None` -> str)."""
-    section, _ = fields()[field]
-    hint = typing.get_type_hints(type(getattr(Config(), section)))[field]
+def _type(cls: type, name: str) -> type:
+    hint = typing.get_type_hints(cls)[name]
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return hint
+
+
+def kind(field: str) -> type:
+    """The Python type of a flat config field (`str | None` -> str)."""
+    section, _ = fields()[field]
+    return _type(type(getattr(Config(), section)), field)
 
 
 def field_section(field: str) -> str:
@@ -244,40 +280,46 @@ def override(config: Config, **values: Any) -> Config:
     return config
 
 
-def validate(config: Config) -> None:
-    """Raises ValueError naming the flag for any value outside its valid range."""
-    problems = []
-    for field, (section, declared) in fields().items():
-        value = getattr(getattr(config, section), field)
-        kind_of = kind(field)
+def problems(settings: Any) -> list[str]:
+    """What is wrong with the values of a dataclass of `setting` fields, one line per field
+    naming its flag: type, finiteness, choices and range."""
+    found = []
+    for declared in dataclasses.fields(settings):
+        field, value = declared.name, getattr(settings, declared.name)
+        kind_of = _type(type(settings), field)
         if value is None and declared.default is None:
             continue
         if kind_of in (int, float) and (isinstance(value, bool)
                                         or not isinstance(value, (int, float))):
-            problems.append(f"--{field}={value!r} must be a number")
+            found.append(f"--{field}={value!r} must be a number")
             continue
         if kind_of is int and isinstance(value, float):
-            problems.append(f"--{field}={value!r} must be an integer")
+            found.append(f"--{field}={value!r} must be an integer")
             continue
         if kind_of is float and not math.isfinite(value):
-            problems.append(f"--{field}={value!r} must be a finite number")
+            found.append(f"--{field}={value!r} must be a finite number")
             continue
         if kind_of is bool and not isinstance(value, bool):
-            problems.append(f"--{field}={value!r} must be true or false")
+            found.append(f"--{field}={value!r} must be true or false")
         if kind_of is str and not isinstance(value, str):
-            problems.append(f"--{field}={value!r} must be a string")
+            found.append(f"--{field}={value!r} must be a string")
         allowed = choices(declared)
         if allowed is not None and value not in allowed:
-            problems.append(f"--{field}={value!r} must be one of "
-                            f"{', '.join(map(str, allowed))}")
+            found.append(f"--{field}={value!r} must be one of {', '.join(map(str, allowed))}")
         if kind_of in (int, float) and isinstance(value, (int, float)):
             problem = range_problem(declared, value)
             if problem:
-                problems.append(f"--{field}={value} {problem}")
+                found.append(f"--{field}={value} {problem}")
+    return found
+
+
+def validate(config: Config) -> None:
+    """Raises ValueError naming the flag for any value outside its valid range."""
+    found = [line for section in SECTIONS for line in problems(getattr(config, section))]
     if (isinstance(config.model.sigma_begin, (int, float))
             and isinstance(config.model.sigma_end, (int, float))
             and config.model.sigma_begin <= config.model.sigma_end):
-        problems.append(f"--sigma_begin={config.model.sigma_begin} must be larger than "
-                        f"--sigma_end={config.model.sigma_end}")
-    if problems:
-        raise ValueError("Invalid config:\n  " + "\n  ".join(problems))
+        found.append(f"--sigma_begin={config.model.sigma_begin} must be larger than "
+                     f"--sigma_end={config.model.sigma_end}")
+    if found:
+        raise ValueError("Invalid config:\n  " + "\n  ".join(found))

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import tensorflow as tf
 
-from ncsn_tf import checkpoints, data, export, images as image_io, sampling
+from ncsn_tf import checkpoints, data, serving, images as image_io, sampling
 from ncsn_tf.config import presets, schema
 from ncsn_tf.evaluation.fid import ManifoldMetrics, Statistics, compute_fid_is, log_progress
 from ncsn_tf.inception import FeatureNetwork
@@ -69,16 +69,16 @@ def load_checkpoint_model(path: str, config_overrides: dict[str, Any] | None = N
 
 def load_saved_model(export_dir: str, *, n_steps_each: int | None = None,
                      step_lr: float | None = None, denoise: bool | None = None) -> TrainedModel:
-    """A SavedModel of `ncsn_tf.export`, sampled through `serving_default` or, when any
+    """A SavedModel of `ncsn_tf.serving.export`, sampled through `serving_default` or, when any
     sampler setting is given, `sample_with_settings` (the others from the export).
 
     Calls are split to respect the export's `max_batch`.
     """
-    if not tf.io.gfile.exists(os.path.join(export_dir, export.METADATA_FILE)):
-        raise FileNotFoundError(f"{export_dir} has no {export.METADATA_FILE}: expected a "
+    if not tf.io.gfile.exists(os.path.join(export_dir, serving.METADATA_FILE)):
+        raise FileNotFoundError(f"{export_dir} has no {serving.METADATA_FILE}: expected a "
                                 "version directory written by `python -m ncsn_tf.export` "
                                 "(e.g. saved_models/ncsn/1).")
-    metadata = export.read_metadata(export_dir)
+    metadata = serving.read_metadata(export_dir)
     loaded = tf.saved_model.load(export_dir)
     settings = dict(metadata["sampler"])
     given = dict(n_steps_each=n_steps_each, step_lr=step_lr, denoise=denoise)
