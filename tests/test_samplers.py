@@ -288,3 +288,40 @@ def test_for_network_builds_the_configured_sampler():
     assert out.shape == (2, 16, 16, 1) and out.min() >= 0 and out.max() <= 1
     with pytest.raises(ValueError, match="Unknown sampler 'ddim'"):
         sampling.for_network(net, presets.override(config, sampler="ddim"))
+
+
+class _EulerODE(sampling.driver.Sampler):
+    """A new rule in a few lines, as the driver's interface promises: the probability-flow
+    ODE by Euler steps on a geometric schedule, x ← x + (σ_next − σ)·(−σ·s(x, σ))."""
+    name = "euler"
+    stochastic = False
+
+    def __init__(self, score_fn, schedule, shape, **options):
+        super().__init__(score_fn, tf.constant(schedule, tf.float32), shape, **options)
+
+    def nfe(self) -> int:
+        return self.num_levels
+
+    def _update(self, x, level, substep, z):
+        sigma = self._level_sigma(level)
+        following = tf.where(level + 1 < self.num_levels,
+                             self._sigmas()[tf.minimum(level + 1, self.num_levels - 1)], 0.0)
+        grad = self.score_fn(x, tf.fill(tf.shape(x)[:1], sigma))
+        return x + (following - sigma) * (-sigma * grad), grad, sigma - following
+
+
+def test_a_new_rule_is_a_function_of_x_level_and_noise_and_gets_no_foreign_settings():
+    """The driver passes a rule only the settings it declares: a five-line Euler rule runs
+    under the driver (prior, levels, chunks) and reaches the closed-form ODE solution of a
+    Gaussian; asking it, or heun, for ald's per-call settings is refused by name."""
+    schedule = np.geomspace(SIGMA_MAX, SIGMA_MIN, 400).astype(np.float32)
+    euler = _EulerODE(gaussian_score(), schedule, (4,), denoise=False, clip=False)
+    x0 = euler.init(np.arange(64)).numpy()
+    x = euler.sample(np.arange(64))["samples"].numpy()
+    # x(0) = μ + (x(σ0) − μ)·√(s²/(s² + σ0²)), the Gaussian's ODE solution.
+    expected = MU + (x0 - MU) * math.sqrt(S2 / (S2 + SIGMA_MAX ** 2))
+    np.testing.assert_allclose(x, expected, atol=0.01)
+    assert euler.steps_per_level == 1 and euler.call_settings == {}
+    for sampler in (euler, HeunODE(gaussian_score(), SIGMA_MAX, SIGMA_MIN, (4,), num_steps=3)):
+        with pytest.raises(TypeError, match="takes no per-call setting n_steps_each"):
+            sampler.sample([0], n_steps_each=2)

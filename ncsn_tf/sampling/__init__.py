@@ -5,8 +5,9 @@ inpainting, interpolation, trajectories) and one small module per update rule.
 |--------|--------|--------------------------------------------------------|-------------------|
 | `ald`  | ald    | annealed Langevin dynamics (NCSNv2 Algorithm 1)        | L·T (+1 denoise)  |
 | `cas`  | cas    | consistent annealed sampling                           | N (+1 denoise)    |
-| `pc`   | pc     | VE-SDE predictor (reverse diffusion) + Langevin corrector | N·(M + 1)      |
+| `pc`   | pc     | VE-SDE ancestral predictor + Langevin corrector        | N·(M + 1)         |
 | `heun` | heun   | probability-flow ODE, Heun's method, ρ-spaced σ        | 2N − 1            |
+| `dpm`  | dpm    | second-order multistep SDE solver on the denoiser      | N                 |
 
 `for_network(net, config)` builds the sampler that `config.sampling` names for an NCSNv2
 network (`ald` on the σ table through `net(x, labels)`, the others through the continuous
@@ -61,6 +62,5 @@ def for_network(net, config: presets.Config, **options) -> Sampler:
 
 
 __all__ = ["AnnealedLangevin", "ConsistentAnnealed", "DEFAULT_NUM_STEPS", "DIAGNOSTICS",
-           "DPMSolver",
-           "HeunODE", "PredictorCorrector", "SAMPLERS", "Sampler", "ScoreFn", "for_network",
-           "karras_sigmas", "num_steps", "write_diagnostics"]
+           "DPMSolver", "HeunODE", "PredictorCorrector", "SAMPLERS", "Sampler", "ScoreFn",
+           "for_network", "karras_sigmas", "num_steps", "write_diagnostics"]

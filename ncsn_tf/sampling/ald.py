@@ -4,7 +4,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from ncsn_tf.sampling import philox
-from ncsn_tf.sampling.driver import INIT, Sampler, per_seed
+from ncsn_tf.sampling.driver import INIT, Sampler, checked, per_seed
 
 
 class AnnealedLangevin(Sampler):
@@ -19,6 +19,16 @@ class AnnealedLangevin(Sampler):
     """
 
     name = "ald"
+    call_settings = {"n_steps_each": tf.int32, "step_lr": tf.float32}
+
+    def __init__(self, score_fn, sigmas, shape, *, n_steps_each: int, step_lr: float,
+                 **options):
+        if not tf.is_tensor(n_steps_each) and n_steps_each < 1:
+            raise ValueError(f"n_steps_each must be >= 1, got {n_steps_each}")
+        if not tf.is_tensor(step_lr) and not step_lr > 0:
+            raise ValueError(f"step_lr must be > 0, got {step_lr}")
+        self.n_steps_each, self.step_lr = n_steps_each, step_lr
+        super().__init__(score_fn, sigmas, shape, **options)
 
     @classmethod
     def from_config(cls, score_fn, sigmas, config, **options) -> "AnnealedLangevin":
@@ -37,7 +47,17 @@ class AnnealedLangevin(Sampler):
     def _prior(self, seeds):
         return per_seed(philox.uniform, seeds, INIT, self.shape)
 
-    def _update(self, x, level, substep, n_steps_each, step_lr, z):
+    def _steps_per_level(self, n_steps_each, step_lr):
+        return n_steps_each
+
+    def _check_settings(self, n_steps_each, step_lr) -> dict:
+        return dict(
+            n_steps_each=checked(n_steps_each, tf.debugging.assert_greater_equal(
+                n_steps_each, 1, message="n_steps_each must be >= 1")),
+            step_lr=checked(step_lr, tf.debugging.assert_greater(
+                step_lr, 0.0, message="step_lr must be > 0")))
+
+    def _update(self, x, level, substep, z, n_steps_each, step_lr):
         sigmas = self._sigmas()
         step_size = step_lr * tf.square(sigmas[level] / sigmas[-1])
         grad = tf.cast(self.score_fn(x, tf.fill(tf.shape(x)[:1], level)), x.dtype)

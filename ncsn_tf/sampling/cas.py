@@ -31,23 +31,21 @@ class ConsistentAnnealed(ContinuousSampler):
             raise ValueError("cas needs num_steps >= 2 (a geometric schedule)")
         schedule = noise.get_sigmas(sigma_max, sigma_min, num_steps)
         self.gamma = float(noise.geometric_ratio(sigma_max, sigma_min, num_steps))
-        eta = step_lr / float(schedule[-1]) ** 2
+        self.eta = eta = step_lr / float(schedule[-1]) ** 2
         if not 1.0 - 1.0 / self.gamma <= eta < 1.0:
             raise ValueError(
                 f"cas needs step_lr/sigma_min^2 in [1 - 1/gamma, 1) = [{1 - 1 / self.gamma:.4g}, "
                 f"1) for gamma = {self.gamma:.5g} ({num_steps} levels); got "
                 f"{eta:.4g}: raise --step_lr or --num_steps")
-        super().__init__(score_fn, schedule, shape, step_lr=step_lr, **options)
+        super().__init__(score_fn, schedule, shape, **options)
 
     def nfe(self) -> int:
         return self.num_levels + int(self.denoise)
 
-    def _update(self, x, level, substep, n_steps_each, step_lr, z):
-        sigmas = self._sigmas()
-        sigma = sigmas[level]
-        eta = step_lr / tf.square(sigmas[-1])
-        beta = tf.sqrt(tf.maximum(1.0 - tf.square((1.0 - eta) * self.gamma), 0.0))
-        step_size = eta * tf.square(sigma)
+    def _update(self, x, level, substep, z):
+        sigma = self._level_sigma(level)
+        beta = max(1.0 - ((1.0 - self.eta) * self.gamma) ** 2, 0.0) ** 0.5
+        step_size = self.eta * tf.square(sigma)
         grad = self._score(x, sigma)
         return x + step_size * grad + beta * self._next_sigma(level) * z, grad, step_size
 

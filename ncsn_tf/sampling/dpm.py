@@ -55,7 +55,7 @@ class DPMSolver(ContinuousSampler):
     def nfe(self) -> int:
         return self.num_levels
 
-    def _step(self, x, level, substep, n_steps_each, step_lr, z, previous):
+    def _step(self, x, level, substep, z, previous):
         sigmas = self._sigmas()
         sigma, next_sigma = sigmas[level], self._next_sigma(level)
         grad = self._score(x, sigma)

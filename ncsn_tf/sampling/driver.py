@@ -1,10 +1,11 @@
 """The sampling driver shared by every sampler: seeds, chunks, inpainting masks, interpolation,
 trajectories and diagnostics, around an update rule that a subclass supplies.
 
-A sampler is a `Sampler` subclass (ald.py, cas.py, pc.py, heun.py) that says how many noise
-levels it walks, how many steps each level takes, the σ of a level, the initial state, one
-update step and the final step. Every run is one `tf.function` whose loop over levels and steps
-is a `tf.while_loop` in the graph, so a whole sampler exports as a single TF Serving signature.
+A sampler is a `Sampler` subclass (ald.py, cas.py, pc.py, heun.py, dpm.py) that says how many
+noise levels it walks, how many steps each level takes, the σ of a level, the initial state,
+one update step and the final step, each a short function of its own settings. Every run is
+one `tf.function` whose loop over levels and steps is a `tf.while_loop` in the graph, so a
+whole sampler exports as a single TF Serving signature.
 
 Randomness comes only from integer seeds, one per image: the noise of image n at step t is
 `stateless_normal(seed=(seeds[n], counter(t)))` (to the last bit of log/sin/cos), drawn for
@@ -48,11 +49,15 @@ class Sampler:
     one graph for all batch sizes; it runs without XLA (as TF Serving needs) unless
     `jit_compile=True` (same draws; XLA cannot record a trajectory).
 
-    Subclasses set `name` and override the hooks below; `n_steps_each` and `step_lr` are
-    per-call settings that only the Langevin samplers (ald, cas) take.
+    Subclasses set `name` and override the hooks below. A rule whose settings may change per
+    call (ald's T and ε, for TF Serving's `sample_with_settings`) names them in
+    `call_settings` (name -> dtype); the public methods then take them as keyword arguments,
+    defaulting to the attributes of the same names, and the driver passes them on as tensors
+    to `_steps_per_level` and `_update`. Other rules take no settings per call.
     """
 
     name = ""
+    call_settings: dict[str, tf.DType] = {}
 
     @classmethod
     def stochastic_with(cls, settings) -> bool:
@@ -61,14 +66,9 @@ class Sampler:
         interpolation (chains blend the noise of two seeds) need."""
         return True
 
-    def __init__(self, score_fn, sigmas, shape: Sequence[int], *, n_steps_each: int = 1,
-                 step_lr: float = 1.0, denoise: bool = True, clip: bool = True,
-                 trajectory_every: int = 0, diagnostics: bool = False,
+    def __init__(self, score_fn, sigmas, shape: Sequence[int], *, denoise: bool = True,
+                 clip: bool = True, trajectory_every: int = 0, diagnostics: bool = False,
                  jit_compile: bool = False):
-        if n_steps_each < 1:
-            raise ValueError(f"n_steps_each must be >= 1, got {n_steps_each}")
-        if not step_lr > 0:
-            raise ValueError(f"step_lr must be > 0, got {step_lr}")
         if trajectory_every < 0:
             raise ValueError(f"trajectory_every must be >= 0 (0 = off), got {trajectory_every}")
         if trajectory_every and jit_compile:
@@ -79,8 +79,6 @@ class Sampler:
         self.score_fn = score_fn
         self.sigmas = sigmas
         self.shape = tuple(int(d) for d in shape)
-        self.n_steps_each = n_steps_each
-        self.step_lr = step_lr
         self.denoise = denoise
         self.clip = clip
         self.trajectory_every = trajectory_every
@@ -106,14 +104,18 @@ class Sampler:
 
     @property
     def steps_per_level(self) -> int:
-        """Update steps per noise level with the construction's settings (T for ald and cas,
-        corrector steps + 1 for pc, 1 for heun): step numbers of diagnostics and trajectories
-        count these."""
-        return int(self._steps_per_level(self.n_steps_each))
+        """Update steps per noise level with the construction's settings (T for ald,
+        corrector steps + 1 for pc, 1 for the others): step numbers of diagnostics and
+        trajectories count these."""
+        return int(self._steps_per_level(**{k: getattr(self, k) for k in self.call_settings}))
 
-    def _steps_per_level(self, n_steps_each):
-        """Update steps per level (a scalar tensor)."""
-        return n_steps_each
+    def _steps_per_level(self, **settings):
+        """Update steps per level, given the `call_settings` (scalar tensors in a graph)."""
+        return 1
+
+    def _check_settings(self, **settings) -> dict:
+        """The `call_settings` of a call, with in-graph checks of their values."""
+        return settings
 
     def _level_sigma(self, level):
         """σ of the noise x carries at `level` (float32 scalar tensor)."""
@@ -125,8 +127,9 @@ class Sampler:
                 + self._level_sigma(0) * per_seed(philox.normal, seeds, INIT,
                                                    self.shape, step=1))
 
-    def _update(self, x, level, substep, n_steps_each, step_lr, z):
-        """One step at `level`, `z` ~ N(0, I) its noise: (new x, score used, step size)."""
+    def _update(self, x, level, substep, z, **settings):
+        """Step `substep` at `level`, `z` ~ N(0, I) its noise, given the `call_settings`:
+        (new x, score used, step size; the last two for diagnostics)."""
         raise NotImplementedError
 
     # A multistep rule sets `uses_memory` and overrides `_step`: the driver then carries a
@@ -134,9 +137,9 @@ class Sampler:
     # from one `run_levels` chunk to the next.
     uses_memory = False
 
-    def _step(self, x, level, substep, n_steps_each, step_lr, z, memory):
+    def _step(self, x, level, substep, z, memory, **settings):
         """`_update` for rules without memory: (new x, score, step size, memory)."""
-        return (*self._update(x, level, substep, n_steps_each, step_lr, z), memory)
+        return (*self._update(x, level, substep, z, **settings), memory)
 
     def _final(self, x):
         """The final step when `denoise` (default: none)."""
@@ -144,17 +147,17 @@ class Sampler:
 
     # ---- public API: converts the arguments and calls a graph function ----
 
-    def sample(self, seeds, data=None, *, n_steps_each=None, step_lr=None) -> dict:
+    def sample(self, seeds, data=None, **settings) -> dict:
         """One example per seed, from U[0,1]^D or, given `data` [N, ...], from data + σ1·z."""
         return self._call(self._sample_fn, _seeds(seeds), _optional(data),
-                          *self._settings(n_steps_each, step_lr))
+                          *self._settings(settings))
 
     def init(self, seeds, data=None) -> tf.Tensor:
         """The initial state of `sample` (first part of a chunked run)."""
         return self._call(self._init_fn, _seeds(seeds), _optional(data))
 
     def run_levels(self, x, seeds, start_level, end_level, *, image=None, mask=None,
-                   memory=None, n_steps_each=None, step_lr=None) -> dict:
+                   memory=None, **settings) -> dict:
         """Update steps of noise levels [start_level, end_level) from state `x`.
 
         A chunked run `x = init(seeds)`; `x = run_levels(x, seeds, a, b)["samples"]` over
@@ -165,14 +168,14 @@ class Sampler:
         return self._call(self._run_levels_fn, tf.convert_to_tensor(x, tf.float32),
                           _seeds(seeds), tf.convert_to_tensor(start_level, tf.int32),
                           tf.convert_to_tensor(end_level, tf.int32), *_image_and_mask(image, mask),
-                          _optional(memory), *self._settings(n_steps_each, step_lr))
+                          _optional(memory), *self._settings(settings))
 
     def finish(self, x, *, image=None, mask=None) -> tf.Tensor:
         """Last part of a chunked run: denoise, put known pixels back (inpainting), clip."""
         return self._call(self._finish_fn, tf.convert_to_tensor(x, tf.float32),
                           *_image_and_mask(image, mask))
 
-    def inpaint(self, image, mask, seeds, *, n_steps_each=None, step_lr=None) -> dict:
+    def inpaint(self, image, mask, seeds, **settings) -> dict:
         """Fill the pixels where `mask` is 0, keeping those where it is 1 (samplers with
         `stochastic`).
 
@@ -181,10 +184,10 @@ class Sampler:
         step the known pixels are set to image + σ_i·z; at the end they are restored exactly.
         """
         return self._call(self._inpaint_fn, *_image_and_mask(image, mask), _seeds(seeds),
-                          *self._settings(n_steps_each, step_lr))
+                          *self._settings(settings))
 
-    def interpolate(self, seeds_a, seeds_b, n_interpolations: int, data=None, *,
-                    n_steps_each=None, step_lr=None) -> dict:
+    def interpolate(self, seeds_a, seeds_b, n_interpolations: int, data=None,
+                    **settings) -> dict:
         """Rows of `n_interpolations` samples that blend the noise of two seeds.
 
         Row n starts every chain from the initial state of seeds_a[n]; at each step chain k uses
@@ -198,7 +201,7 @@ class Sampler:
             raise ValueError(f"n_interpolations must be >= 2, got {n_interpolations}")
         return self._call(functools.partial(self._interpolate_fn, n_interpolations),
                           _seeds(seeds_a), _seeds(seeds_b), _optional(data),
-                          *self._settings(n_steps_each, step_lr))
+                          *self._settings(settings))
 
     # ---- graph functions ----
 
@@ -221,10 +224,20 @@ class Sampler:
                 jit_compile=self.jit_compile)
         return self._functions[key](*(a for a in args if a is not None))
 
-    def _settings(self, n_steps_each, step_lr):
-        n = self.n_steps_each if n_steps_each is None else n_steps_each
-        lr = self.step_lr if step_lr is None else step_lr
-        return tf.convert_to_tensor(n, tf.int32), tf.convert_to_tensor(lr, tf.float32)
+    def _settings(self, overrides: dict) -> tuple:
+        """The `call_settings` of a call as tensors, in their declared order: `overrides`
+        (None keeps the construction's value) over the sampler's attributes."""
+        unknown = set(overrides) - set(self.call_settings)
+        if unknown:
+            raise TypeError(f"the {self.name} sampler takes no per-call setting "
+                            f"{', '.join(sorted(unknown))} (it has: "
+                            f"{', '.join(self.call_settings) or 'none'})")
+        return tuple(tf.convert_to_tensor(
+            getattr(self, k) if overrides.get(k) is None else overrides[k], dtype)
+            for k, dtype in self.call_settings.items())
+
+    def _named(self, settings: tuple) -> dict:
+        return self._check_settings(**dict(zip(self.call_settings, settings)))
 
     def _init_fn(self, seeds, data):
         seeds = _check_seeds(seeds)
@@ -241,21 +254,20 @@ class Sampler:
             x = tf.where(_check_mask(image, mask) > 0.5, image, x)
         return tf.clip_by_value(x, 0.0, 1.0) if self.clip else x
 
-    def _sample_fn(self, seeds, data, n_steps_each, step_lr):
+    def _sample_fn(self, seeds, data, *settings):
         x = self._init_fn(seeds, data)
-        out = self._run_levels_fn(x, seeds, 0, self.num_levels, None, None, None, n_steps_each,
-                                  step_lr)
+        out = self._run_levels_fn(x, seeds, 0, self.num_levels, None, None, None, *settings)
         out["samples"] = self._finish_fn(out["samples"], None, None)
         out.pop("memory", None)
         return out
 
     def _run_levels_fn(self, x, seeds, start_level, end_level, image, mask, memory,
-                       n_steps_each, step_lr):
+                       *settings):
         seeds = _check_seeds(seeds)
         x = self._check_examples(x, seeds, "x")
         levels_ok = (0 <= start_level) & (start_level <= end_level) & (
             end_level <= self.num_levels)
-        start_level = _checked(start_level, tf.debugging.Assert(levels_ok, [
+        start_level = checked(start_level, tf.debugging.Assert(levels_ok, [
             f"need 0 <= start_level <= end_level <= num_levels = {self.num_levels}, got",
             start_level, end_level]))
 
@@ -272,24 +284,23 @@ class Sampler:
             set_known = functools.partial(_set_known, image, _check_mask(image, mask) > 0.5,
                                           seeds, self.shape)
         if self.uses_memory and memory is None:
-            memory = _checked(tf.zeros_like(x), tf.debugging.Assert(start_level == 0, [
+            memory = checked(tf.zeros_like(x), tf.debugging.Assert(start_level == 0, [
                 f"the {self.name} sampler is multistep: continue a run from level",
                 start_level, "with the memory that the previous run_levels returned"]))
         elif self.uses_memory:
             memory = self._check_examples(memory, seeds, "memory")
-        return self._anneal(x, start_level, end_level, n_steps_each, step_lr, draw, set_known,
+        return self._anneal(x, start_level, end_level, self._named(settings), draw, set_known,
                             memory if self.uses_memory else None)
 
-    def _inpaint_fn(self, image, mask, seeds, n_steps_each, step_lr):
+    def _inpaint_fn(self, image, mask, seeds, *settings):
         x = self._init_fn(seeds, None)
-        out = self._run_levels_fn(x, seeds, 0, self.num_levels, image, mask, None,
-                                  n_steps_each, step_lr)
+        out = self._run_levels_fn(x, seeds, 0, self.num_levels, image, mask, None, *settings)
         out["samples"] = self._finish_fn(out["samples"], image, mask)
         out.pop("memory", None)
         return out
 
-    def _interpolate_fn(self, n_interpolations, seeds_a, seeds_b, data, n_steps_each, step_lr):
-        seeds_b = _checked(seeds_b, tf.debugging.assert_equal(
+    def _interpolate_fn(self, n_interpolations, seeds_a, seeds_b, data, *settings):
+        seeds_b = checked(seeds_b, tf.debugging.assert_equal(
             tf.size(seeds_a), tf.size(seeds_b),
             message="seeds_a and seeds_b must have the same length"))
         k = n_interpolations
@@ -306,7 +317,7 @@ class Sampler:
 
         x = tf.repeat(self._init_fn(seeds_a, data), k, axis=0)
         memory = tf.zeros_like(x) if self.uses_memory else None
-        out = self._anneal(x, 0, self.num_levels, n_steps_each, step_lr, draw, None, memory)
+        out = self._anneal(x, 0, self.num_levels, self._named(settings), draw, None, memory)
         out.pop("memory", None)
         out["samples"] = rows(self._finish_fn(out["samples"], None, None))
         if "trajectory" in out:
@@ -319,21 +330,17 @@ class Sampler:
         if not t.shape[1:].is_compatible_with(self.shape):
             raise ValueError(f"{name} must have shape [N, {', '.join(map(str, self.shape))}], "
                              f"got {t.shape}")
-        return _checked(t, tf.debugging.assert_equal(
+        return checked(t, tf.debugging.assert_equal(
             tf.shape(t)[0], tf.size(seeds), message=f"{name} must have one example per seed"))
 
     def _sigmas(self):
         return tf.cast(tf.convert_to_tensor(self.sigmas), tf.float32)
 
-    def _anneal(self, x, start_level, end_level, n_steps_each, step_lr, draw_noise,
-                set_known, memory=None) -> dict:
+    def _anneal(self, x, start_level, end_level, settings: dict, draw_noise, set_known,
+                memory=None) -> dict:
         """The loop over global steps [start_level·S, end_level·S) as a while_loop, S steps
         per level."""
-        n_steps_each = _checked(n_steps_each, tf.debugging.assert_greater_equal(
-            n_steps_each, 1, message="n_steps_each must be >= 1"))
-        step_lr = _checked(step_lr, tf.debugging.assert_greater(
-            step_lr, 0.0, message="step_lr must be > 0"))
-        per_level = self._steps_per_level(n_steps_each)
+        per_level = self._steps_per_level(**settings)
         first, last = start_level * per_level, end_level * per_level
         every = self.trajectory_every
         state = {"x": x}
@@ -353,8 +360,8 @@ class Sampler:
             if set_known is not None:
                 x = set_known(x, step, sigma)
             z = draw_noise(step)
-            x, grad, step_size, memory = self._step(x, level, step % per_level, n_steps_each,
-                                                    step_lr, z, state.get("memory"))
+            x, grad, step_size, memory = self._step(x, level, step % per_level, z,
+                                                    state.get("memory"), **settings)
             new = {"x": x}
             if memory is not None:
                 new["memory"] = memory
@@ -417,14 +424,14 @@ def _image_and_mask(image, mask):
     return image, mask
 
 
-def _checked(tensor, *checks):
+def checked(tensor, *checks):
     """`tensor`, available only once the assertion ops `checks` have passed."""
     with tf.control_dependencies([c for c in checks if c is not None]):
         return tf.identity(tensor)
 
 
 def _check_seeds(seeds):
-    return _checked(
+    return checked(
         seeds,
         tf.debugging.assert_rank(seeds, 1, message="seeds must be a vector: one example per seed"),
         tf.debugging.assert_positive(tf.size(seeds),
@@ -452,7 +459,7 @@ def _check_mask(image, mask):
     """`mask` [N or 1, H, W, C or 1] broadcast to `image` after checking its shape and values."""
     image_shape, mask_shape = tf.shape(image), tf.shape(mask)
     fits = (mask_shape == image_shape) | ((mask_shape == 1) & [True, False, False, True])
-    mask = _checked(
+    mask = checked(
         mask,
         tf.debugging.Assert(tf.reduce_all(fits), [_MASK_SHAPES + "; mask shape", mask_shape,
                                                   "image shape", image_shape]),

@@ -60,7 +60,7 @@ class HeunODE(ContinuousSampler):
     def nfe(self) -> int:
         return 2 * self.num_levels - 1
 
-    def _update(self, x, level, substep, n_steps_each, step_lr, z):
+    def _update(self, x, level, substep, z):
         sigma = self._level_sigma(level)
         gamma = min(self.churn / self.num_levels, np.sqrt(2.0) - 1.0)
         sigma_hat = tf.minimum(sigma * (1.0 + gamma), self._level_sigma(0))

@@ -47,10 +47,10 @@ class PredictorCorrector(ContinuousSampler):
     def nfe(self) -> int:
         return self.num_levels * (self.corrector_steps + 1)
 
-    def _steps_per_level(self, n_steps_each):
+    def _steps_per_level(self):
         return self.corrector_steps + 1
 
-    def _update(self, x, level, substep, n_steps_each, step_lr, z):
+    def _update(self, x, level, substep, z):
         sigma = self._level_sigma(level)
         grad = self._score(x, sigma)
 
