@@ -29,7 +29,7 @@ import os
 
 import numpy as np
 
-from ncsn_tf import metrics
+from ncsn_tf.evaluation import metrics
 
 K = 3  # neighbours of the k-NN manifolds
 NOISY_ROUGHNESS = 0.2  # mean |neighbouring pixel difference| of a noise image; digits ≤ 0.12

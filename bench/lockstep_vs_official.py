@@ -54,7 +54,7 @@ def train(official, ns, config, steps: int) -> dict:
     import torch
     from digit_judge import digits_split
     from ncsn_tf import convert, models
-    from ncsn_tf.score_model import ScoreModel
+    from ncsn_tf.training.score_model import ScoreModel
 
     torch.manual_seed(0)
     initial = _torch_state(official.NCSNv2(ns))

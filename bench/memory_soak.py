@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = common.setup(args)
     machine = common.machine()
     from ncsn_tf.sampling import AnnealedLangevin
-    from ncsn_tf.score_model import ScoreModel
+    from ncsn_tf.training.score_model import ScoreModel
 
     model = ScoreModel(config)
     traces = {"train_step": 0, "score_fn": 0}

@@ -23,7 +23,7 @@ import tensorflow as tf
 def evaluation_loss(net, images: tf.Tensor, labels: tf.Tensor, noise: tf.Tensor,
                     anneal_power: float) -> float:
     """Mean annealed DSM loss of `net` (inference mode) on a fixed batch."""
-    from ncsn_tf.losses import dsm_loss
+    from ncsn_tf.training.losses import dsm_loss
     per_example = dsm_loss(lambda y, i: net(y, i, training=False), images, net.sigmas, labels,
                            noise, anneal_power)
     return float(tf.reduce_mean(per_example))
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     machine = common.machine()
     from ncsn_tf import data
     from ncsn_tf.config import presets
-    from ncsn_tf.score_model import ScoreModel
+    from ncsn_tf.training.score_model import ScoreModel
 
     if args.lr is not None:
         config = presets.override(config, lr=args.lr)

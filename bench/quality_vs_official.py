@@ -179,7 +179,8 @@ def _to_uint8(images: np.ndarray) -> np.ndarray:
 
 def ours_export(args) -> None:
     """The EMA weights of an ncsn_tf workdir in the official layout (for the official sampler)."""
-    from ncsn_tf import checkpoints, convert
+    from ncsn_tf import convert
+    from ncsn_tf.training import checkpoints
     net, _, _ = checkpoints.load(args.workdir, ema=True)
     weights = {name: (v.numpy().transpose(3, 2, 0, 1) if len(v.shape) == 4 else v.numpy())
                for name, v in convert.official_weight_map(net).items()}
@@ -214,8 +215,8 @@ def held_out_loss(args) -> None:
     """Exact mean DSM loss over test digits × HELD_OUT_DRAWS fixed draws (same for every run)."""
     import tensorflow as tf
     from digit_judge import digits_split
-    from ncsn_tf.losses import dsm_loss
-    from ncsn_tf.score_model import draw_perturbation
+    from ncsn_tf.training.losses import dsm_loss
+    from ncsn_tf.training.score_model import draw_perturbation
     net, config = _our_net(args.weights)
     images, _ = digits_split("test")
     total = 0.0

@@ -75,7 +75,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="bench/results/failures")
     args = parser.parse_args(argv)
     import digit_judge
-    from ncsn_tf import checkpoints, images, noise, sampling
+    from ncsn_tf import images, noise, sampling
+    from ncsn_tf.training import checkpoints
 
     judge = digit_judge.train_judge()
     net, config, _ = checkpoints.load(args.workdir)

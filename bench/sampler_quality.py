@@ -66,7 +66,8 @@ METRICS = ("frechet_distance", "kid", "precision", "recall", "broken_rate", "noi
 def samples(workdir: str, fields: dict, first_seed: int, num_samples: int, path: str
             ) -> tuple[np.ndarray, int, float | None]:
     """(uint8 images, NFE, images/s or None when reused) of one setting on one model."""
-    from ncsn_tf import checkpoints, images, sampling
+    from ncsn_tf import images, sampling
+    from ncsn_tf.training import checkpoints
     from ncsn_tf.config import presets
     net, config, _ = checkpoints.load(workdir)
     config = presets.override(config, **fields)

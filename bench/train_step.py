@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = common.setup(args)
     machine = common.machine()
     from ncsn_tf import models
-    from ncsn_tf.score_model import ScoreModel
+    from ncsn_tf.training.score_model import ScoreModel
 
     model = ScoreModel(config)
     model.compile(jit_compile=args.jit_compile)

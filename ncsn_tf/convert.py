@@ -31,7 +31,8 @@ import numpy as np
 import yaml
 from absl import app, flags, logging
 
-from ncsn_tf import checkpoints, cli, models
+from ncsn_tf import cli, models
+from ncsn_tf.training import checkpoints
 from ncsn_tf.config import presets
 from ncsn_tf.models import RefineNetScore, layers
 
@@ -395,7 +396,7 @@ def load_official_checkpoint(pth_path: str, yml_path: str,
 def convert(pth_path: str, yml_path: str, output_dir: str, ema: bool = True) -> presets.Config:
     """Writes an ncsn_tf workdir from an official checkpoint and returns its config.
 
-    The workdir (`ncsn_tf.checkpoints.save_converted`): `config.yaml` and `checkpoints/ckpt-N`
+    The workdir (`checkpoints.save_converted`): `config.yaml` and `checkpoints/ckpt-N`
     (N = the official step) holding `net` (live weights), `ema_net` (EMA weights) and `step`,
     ready for sampling, export, evaluation or resumed training. With `ema=False`, or when the
     run had no EMA (whose official EMA would start from the live weights), `ema_net` holds the

@@ -6,9 +6,9 @@ of batches, or are drawn on the fly from a trained model: a checkpoint (the EMA 
 the config's sampler or the one --sampler names) or an exported SavedModel (its
 `serving_default` signature). Image i of a model comes from seed `seed + i`, so a run is
 reproducible and gives the same images as `python -m ncsn_tf.sample` and TF Serving. Samples
-are streamed through a `FeatureNetwork` (ncsn_tf.inception), so memory stays bounded. Reference
-statistics of a dataset are computed once and cached as an `.npz` (`mu`, `sigma`: the TTUR
-layout, so published statistics files load too).
+are streamed through a `FeatureNetwork` (ncsn_tf.evaluation.inception), so memory stays
+bounded. Reference statistics of a dataset are computed once and cached as an `.npz` (`mu`,
+`sigma`: the TTUR layout, so published statistics files load too).
 
 FID summarises a whole set, so a few broken samples barely move it. Whenever the reference
 dataset is at hand (a model's own, or `--preset`/`--dataset` with `--samples`), evaluate also
@@ -35,7 +35,9 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-from ncsn_tf import checkpoints, cli, data, serving, inception
+from ncsn_tf import cli, data, serving
+from ncsn_tf.training import checkpoints
+from ncsn_tf.evaluation import inception
 from ncsn_tf.config import presets, flags as config_flags
 from ncsn_tf import images as image_io
 from ncsn_tf.evaluation import (SWEEP_CSV, SWEEP_LOGDIR, ManifoldMetrics, Statistics,
@@ -45,7 +47,7 @@ from ncsn_tf.evaluation import (SWEEP_CSV, SWEEP_LOGDIR, ManifoldMetrics, Statis
                                 reference_statistics, save_samples)
 from ncsn_tf.evaluation.sources import images_of
 from ncsn_tf.evaluation.sweep import selected_checkpoints
-from ncsn_tf.inception import FeatureNetwork
+from ncsn_tf.evaluation.inception import FeatureNetwork
 
 
 FLAGS = flags.FLAGS

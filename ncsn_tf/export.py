@@ -42,7 +42,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 
 def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
-    from ncsn_tf import checkpoints
+    from ncsn_tf.training import checkpoints
 
     f = flag_values
     try:

@@ -258,7 +258,7 @@ def _check_sampler_supports(f, config: presets.Config) -> None:
 
 
 def _sample(f) -> None:
-    from ncsn_tf import checkpoints
+    from ncsn_tf.training import checkpoints
 
     source = cli.model_source(f)
     overrides = {k: f[k].value for k in _SAMPLER_FIELDS if f[k].value is not None}

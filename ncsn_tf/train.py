@@ -44,7 +44,8 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
     # TensorFlow starts here, after parsing.
     import tensorflow as tf
 
-    from ncsn_tf import callbacks, checkpoints, data, training, workdir_lock
+    from ncsn_tf import data, training
+    from ncsn_tf.training import callbacks, checkpoints, workdir_lock
 
     config = _config(f, training, data)  # bad flags fail here, before any heavy work
     # MultiWorkerMirroredStrategy must exist before any other TensorFlow op runs.

@@ -3,12 +3,12 @@
     ExampleGen → StatisticsGen → Trainer → Evaluator → Pusher
 
 Each component is a thin shell: it turns artifacts into paths and metadata, calls the module
-of `pipelines` that does the work (examples, statistics, training, evaluation, pushing) and
-records the result in its output artifacts. KFP runs a component's function source on its
-own (in a subprocess locally, in the container image on Kubeflow / Vertex AI), so every
-import sits inside the function and `ncsn_tf` and `pipelines` must be importable there:
-installed in the image (pipelines/Dockerfile), or on PYTHONPATH for local runs
-(`python -m pipelines.run` sets it). Every output artifact gets a file or directory: KFP's
+of `pipelines` named after it that does the work (example_gen, statistics_gen, trainer,
+evaluator, pusher) and records the result in its output artifacts. KFP runs a component's
+function source on its own (in a subprocess locally, in the container image on Kubeflow /
+Vertex AI), so every import sits inside the function and `ncsn_tf` and `pipelines` must be
+importable there: installed in the image (pipelines/Dockerfile), or on PYTHONPATH for local
+runs (`python -m pipelines.run` sets it). Every output artifact gets a file or directory: KFP's
 local cache only reuses outputs that exist on disk.
 """
 from kfp import dsl
@@ -35,7 +35,7 @@ def example_gen(dataset: str, preset: str, data_dir: str, image_size: int, chann
     config = flags.resolve_config(preset or None, overrides=dict(
         dataset=dataset, data_dir=data_dir or None, image_size=image_size or None,
         channels=channels or None))
-    from pipelines import examples as example_files  # TensorFlow starts after the checks
+    from pipelines import example_gen as example_files  # TensorFlow starts after the checks
 
     summary = example_files.write(config, examples.path,
                                   max_train_examples=max_train_examples or None,
@@ -50,7 +50,7 @@ def example_gen(dataset: str, preset: str, data_dir: str, image_size: int, chann
 def statistics_gen(examples: Input[Dataset], statistics: Output[Artifact]):
     """StatisticsGen: count, shape, D, mean image, σ1 (Technique 1) and the L and ε that
     Techniques 2 and 4 propose."""
-    from pipelines import statistics as dataset_statistics
+    from pipelines import statistics_gen as dataset_statistics
 
     stats = dataset_statistics.compute(examples.path, statistics.path)
     proposal = stats["proposal"]
@@ -78,7 +78,7 @@ def trainer(examples: Input[Dataset], statistics: Input[Artifact], use_proposed_
     """
     import os
 
-    from pipelines import training
+    from pipelines import trainer as training
 
     overrides = dict(config_overrides)
     overrides.update({name: value for name, value in
@@ -106,8 +106,8 @@ def evaluator(model: Input[Model], examples: Input[Dataset], feature_network: st
     import json
     import os
 
-    from pipelines import evaluation as model_evaluation
-    from pipelines import pushing
+    from pipelines import evaluator as model_evaluation
+    from pipelines import pusher as pushing
 
     result = model_evaluation.evaluate(model.path, examples.path, evaluation.path,
                                        feature_network=feature_network,
@@ -145,8 +145,8 @@ def pusher(model: Input[Model], blessing: Input[Artifact], evaluation: Input[Art
               "blessing": list(blessing.metadata.get("reasons", []))}
     if blessing.metadata.get("blessed"):
         # TensorFlow starts only for a model to push.
-        from pipelines import evaluation as model_evaluation
-        from pipelines import pushing
+        from pipelines import evaluator as model_evaluation
+        from pipelines import pusher as pushing
 
         evaluation_record = dict(model_evaluation.read_metrics(evaluation.path),
                                  blessing=record["blessing"], model=model.uri)

@@ -29,10 +29,10 @@ from typing import Any
 from absl import app, flags, logging
 
 from ncsn_tf.config import flags as config_flags
-from pipelines import training
+from pipelines import trainer
 
 # Config fields that ExampleGen takes as its own parameters, and those the pipeline names.
-DATA_PARAMETERS = training.DATA_FIELDS
+DATA_PARAMETERS = trainer.DATA_FIELDS
 TRAINER_PARAMETERS = ("n_iters", "batch_size", "ngf")
 
 

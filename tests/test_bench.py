@@ -270,7 +270,8 @@ def test_official_side_gets_the_digits_preset_settings():
 def test_weights_exchanged_in_the_official_layout_round_trip(tmp_path):
     """ours_export writes a workdir's EMA weights in PyTorch layout; _our_net reads them back
     into the same network (what the cross pairings rely on)."""
-    from ncsn_tf import checkpoints, models
+    from ncsn_tf import models
+    from ncsn_tf.training import checkpoints
     from ncsn_tf.config import presets
     config = presets.get("digits")
     keras.utils.set_random_seed(2)
@@ -314,7 +315,8 @@ def test_summary_table_of_the_comparison():
 
 
 def test_sampler_quality_bench_on_tiny_models(tmp_path, judge, capsys, monkeypatch):
-    from ncsn_tf import checkpoints, models
+    from ncsn_tf import models
+    from ncsn_tf.training import checkpoints
     from ncsn_tf.config import presets
     config = presets.override(presets.get("digits"), ngf=4, num_scales=3, n_steps_each=1,
                               sampling_batch_size=4)

@@ -1,11 +1,11 @@
-"""ncsn_tf.callbacks: the progress line's rate and ETA on a clock the test controls."""
+"""ncsn_tf.training.callbacks: the progress line's rate and ETA on a clock the test controls."""
 import logging
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from ncsn_tf import callbacks
+from ncsn_tf.training import callbacks
 
 
 class _Clock:

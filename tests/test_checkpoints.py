@@ -7,9 +7,10 @@ import pytest
 import tensorflow as tf
 import yaml
 
-from ncsn_tf import checkpoints, models, optimizers
+from ncsn_tf import models
+from ncsn_tf.training import checkpoints, optimizers
 from ncsn_tf.config import presets
-from ncsn_tf.score_model import ScoreModel
+from ncsn_tf.training.score_model import ScoreModel
 from test_score_model import images, tiny_config, tiny_model, train  # the stand-in setup
 
 CONFIG = presets.override(presets.get("cifar10"), ngf=4, num_scales=10, image_size=8,

@@ -15,7 +15,8 @@ import tensorflow as tf
 import yaml
 from absl import flags
 
-from ncsn_tf import checkpoints, convert, models
+from ncsn_tf import convert, models
+from ncsn_tf.training import checkpoints
 from ncsn_tf.config import presets
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "ncsnv2_reference"

@@ -3,7 +3,7 @@
 Data: three Gaussian components (weights 0.2 / 0.5 / 0.3, unit variance) in 2-D. Perturbed by
 N(0, σ²I) it stays a mixture, with variance 1 + σ² per component, so ∇log p_σ is known in
 closed form. A small MLP conditioned on log σ, with NCSNv2's output scaling s(x, σ) = f(x, σ)/σ
-(Technique 3), is trained on fresh data every step with `ncsn_tf.losses.dsm_loss` over 8
+(Technique 3), is trained on fresh data every step with `ncsn_tf.training.losses.dsm_loss` over 8
 geometric levels σ = 10 … 0.25, and compared with the exact score on samples from p_σ.
 
 Measured (4,000 Adam steps, batch 1,024; about 10 s of CPU): relative RMS error 0.02 at σ = 10
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ncsn_tf.losses import dsm_loss
+from ncsn_tf.training.losses import dsm_loss
 
 MEANS = np.array([[-4.0, -4.0], [4.0, 4.0], [4.0, -3.0]])
 WEIGHTS = np.array([0.2, 0.5, 0.3])

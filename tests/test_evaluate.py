@@ -14,7 +14,9 @@ import tensorflow as tf
 from absl import app as absl_app
 from absl import flags as absl_flags
 
-from ncsn_tf import checkpoints, evaluate, evaluation, serving, inception, metrics, models
+from ncsn_tf import evaluate, evaluation, serving, models
+from ncsn_tf.training import checkpoints
+from ncsn_tf.evaluation import inception, metrics
 from ncsn_tf.config import presets
 from ncsn_tf import sampling
 from ncsn_tf import images as image_io

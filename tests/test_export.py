@@ -198,12 +198,12 @@ def test_settings_out_of_bounds_are_rejected_at_export(net, tmp_path):
 @pytest.mark.parametrize("name", ["7", "..", ".", "", "a/b", "/abs", "../x", "a\\b", " x"])
 def test_model_names_that_leave_the_base_path_are_refused(net, tmp_path, name):
     """One check for export and the pipeline's pusher: nothing is written anywhere."""
-    from pipelines import pushing
+    from pipelines import pusher
     base = tmp_path / "base" / "inner"
     with pytest.raises(ValueError, match="must be a plain, non-numeric directory name"):
         serving.export(net, CONFIG, 0, str(base), name, limits=LIMITS)
     with pytest.raises(ValueError, match="must be a plain, non-numeric directory name"):
-        pushing.push(str(tmp_path / "no-workdir"), str(base), name, {})
+        pusher.push(str(tmp_path / "no-workdir"), str(base), name, {})
     assert not (tmp_path / "base").exists()
     assert serving.check_model_name("ncsn-v2.1_b") == "ncsn-v2.1_b"
 
@@ -361,7 +361,7 @@ def test_cli_exports_an_imported_official_checkpoint(tmp_path):
 
 
 def test_cli_exports_a_workdir(net, tmp_path):
-    from ncsn_tf import checkpoints
+    from ncsn_tf.training import checkpoints
 
     workdir = str(tmp_path / "run")
     checkpoints.save_converted(workdir, CONFIG, net, net, 77)
@@ -384,7 +384,7 @@ def test_cli_exports_a_workdir(net, tmp_path):
 def test_data_init_is_refused_unless_turned_off(net, tmp_path):
     """A served model samples from noise: a data_init config is refused with what to do, and
     --nodata_init exports it."""
-    from ncsn_tf import checkpoints
+    from ncsn_tf.training import checkpoints
 
     workdir = str(tmp_path / "run")
     checkpoints.save_converted(workdir, presets.override(CONFIG, data_init=True), net, net, 5)
@@ -444,7 +444,7 @@ def test_export_with_the_multistep_sampler(net, tmp_path):
 
 
 def test_cli_fixes_the_sampler_and_its_settings(net, tmp_path):
-    from ncsn_tf import checkpoints
+    from ncsn_tf.training import checkpoints
 
     workdir = str(tmp_path / "run")
     checkpoints.save_converted(workdir, CONFIG, net, net, 9)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ncsn_tf import checkpoints, workdir_lock
+from ncsn_tf.training import checkpoints, workdir_lock
 from test_train import REPO, _argv, _env, run_cli
 
 FAST = dict(preset="digits", ngf=4, num_scales=4, test_freq=0, snapshot_sampling=False,

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ncsn_tf.losses import dsm_loss
+from ncsn_tf.training.losses import dsm_loss
 
 SIGMAS = np.geomspace(10.0, 0.1, 6).astype(np.float32)
 

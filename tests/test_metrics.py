@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from ncsn_tf import metrics
+from ncsn_tf.evaluation import metrics
 
 
 def _random_spd(rng, d):

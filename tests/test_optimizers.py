@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ncsn_tf import optimizers
+from ncsn_tf.training import optimizers
 from ncsn_tf.config import presets
 
 SHAPES = [(3, 4), (5,), (2, 3, 3, 2)]

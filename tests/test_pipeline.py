@@ -23,8 +23,8 @@ from scipy import optimize, special
 
 from ncsn_tf import data, noise
 from ncsn_tf.config import presets
-from pipelines import evaluation, examples, pipeline, pushing, run, statistics, training
-from pipelines.pushing import PushedModel
+from pipelines import evaluator, example_gen, pipeline, pusher, run, statistics_gen, trainer
+from pipelines.pusher import PushedModel
 
 MODEL_NAME = "tiny"
 TRAINING = dict(n_iters=3, batch_size=16, ngf=4, config_overrides={
@@ -77,7 +77,7 @@ def test_end_to_end_pushes_a_servable_model(runs):
     decoded = tf.io.decode_png(outputs["png_bytes"][1]).numpy()
     np.testing.assert_array_equal(decoded, images[1])
     # The evaluation is stored in the version (the next run's baseline) and says which network.
-    pushed = pushing.latest(runs["serving_base"], MODEL_NAME)
+    pushed = pusher.latest(runs["serving_base"], MODEL_NAME)
     assert pushed.version == 1 and pushed.evaluation["fid"] == first["fid"]
     assert pushed.evaluation["num_samples"] == ARGUMENTS["num_eval_samples"]
     assert pushed.evaluation["reference"] == {"split": "eval", "num_images": 40,
@@ -129,7 +129,7 @@ def test_failed_blessing_pushes_nothing(runs):
 def test_examples_read_back_exactly_as_the_source(runs):
     (examples_dir,) = _task_dirs(runs["root"], "example-gen")
     examples_dir = os.path.join(examples_dir, "examples")
-    config = examples.read_config(examples_dir)
+    config = example_gen.read_config(examples_dir)
     source = presets.get("digits")
     for split, limit in (("train", 200), ("test", 40)):
         written = np.concatenate(list(data.load(config, split, training=False, batch_size=100)
@@ -142,7 +142,7 @@ def test_examples_read_back_exactly_as_the_source(runs):
 
 def test_statistics_match_numpy(runs):
     (statistics_dir,) = _task_dirs(runs["root"], "statistics-gen")
-    stats = statistics.read(os.path.join(statistics_dir, "statistics"))
+    stats = statistics_gen.read(os.path.join(statistics_dir, "statistics"))
     images = np.round(np.concatenate(list(
         data.load(presets.get("digits"), "train", training=False, batch_size=200)
         .take(1).as_numpy_iterator())) * 255.0) / 255.0
@@ -154,7 +154,7 @@ def test_statistics_match_numpy(runs):
     assert stats["channel_mean"][0] == pytest.approx(flat.mean(), rel=1e-6)
     assert stats["channel_std"][0] == pytest.approx(flat.std(), rel=1e-5)
     mean_png = tf.io.decode_png(tf.io.read_file(
-        os.path.join(statistics_dir, "statistics", statistics.MEAN_IMAGE_FILE))).numpy()
+        os.path.join(statistics_dir, "statistics", statistics_gen.MEAN_IMAGE_FILE))).numpy()
     assert mean_png.shape == (64, 64, 1)  # 16 px shown 4x, as the sample grids
     np.testing.assert_array_equal(mean_png[::4, ::4], np.round(images.mean(axis=0) * 255.0))
 
@@ -242,9 +242,9 @@ def artifacts(tmp_path):
     examples_dir, statistics_dir = tmp_path / "examples", tmp_path / "statistics"
     examples_dir.mkdir()
     statistics_dir.mkdir()
-    (examples_dir / examples.CONFIG_FILE).write_text(yaml.safe_dump(
+    (examples_dir / example_gen.CONFIG_FILE).write_text(yaml.safe_dump(
         presets.get("digits").to_dict()))
-    (statistics_dir / statistics.STATISTICS_FILE).write_text(json.dumps(
+    (statistics_dir / statistics_gen.STATISTICS_FILE).write_text(json.dumps(
         {"sigma_begin": 9.0, "dim": 256}))
     return str(examples_dir), str(statistics_dir)
 
@@ -252,8 +252,8 @@ def artifacts(tmp_path):
 def test_training_config_uses_the_proposal_unless_overridden(artifacts):
     preset = presets.get("digits")
     sigma_end = preset.model.sigma_end
-    config, sources = training.training_config(*artifacts, {"n_iters": 5})
-    assert config.data.dataset == examples.dataset_spec(artifacts[0])
+    config, sources = trainer.training_config(*artifacts, {"n_iters": 5})
+    assert config.data.dataset == example_gen.dataset_spec(artifacts[0])
     assert config.training.n_iters == 5 and config.model.ngf == preset.model.ngf
     assert config.model.sigma_begin == 9.0
     assert config.model.num_scales == math.ceil(1 + math.log(9.0 / sigma_end)
@@ -266,7 +266,7 @@ def test_training_config_uses_the_proposal_unless_overridden(artifacts):
 
     # ε follows the final table and T: here L = 20 and T = 1, given as KFP passes a dict
     # parameter (JSON numbers: 20.0), which must not reach the config as floats.
-    config, _ = training.training_config(*artifacts, {"num_scales": 20.0, "n_steps_each": 1.0,
+    config, _ = trainer.training_config(*artifacts, {"num_scales": 20.0, "n_steps_each": 1.0,
                                                       "sigma_begin": 12.0})
     assert (config.model.sigma_begin, config.model.num_scales) == (12.0, 20)
     assert type(config.model.num_scales) is int and type(config.sampling.n_steps_each) is int
@@ -274,7 +274,7 @@ def test_training_config_uses_the_proposal_unless_overridden(artifacts):
     assert config.sampling.step_lr == noise.best_step_lr(1, ratio, sigma_end)
     assert config.sampling.step_lr != noise.best_step_lr(5, ratio, sigma_end)
 
-    config, sources = training.training_config(*artifacts, {}, use_proposed_noise=False)
+    config, sources = trainer.training_config(*artifacts, {}, use_proposed_noise=False)
     assert (config.model.sigma_begin, config.model.num_scales, config.sampling.step_lr) == (
         preset.model.sigma_begin, preset.model.num_scales, preset.sampling.step_lr)
     assert sources == {}
@@ -287,7 +287,7 @@ def test_training_config_uses_the_proposal_unless_overridden(artifacts):
 ])
 def test_training_config_rejects_bad_overrides(artifacts, overrides, message):
     with pytest.raises(ValueError, match=message):
-        training.training_config(*artifacts, overrides)
+        trainer.training_config(*artifacts, overrides)
 
 
 def _measured(fid, **changes):
@@ -311,7 +311,7 @@ def _measured(fid, **changes):
     (float("nan"), 0.0, None, False, "FID is nan"),
 ])
 def test_blessing(fid, threshold, baseline, blessed, reason):
-    verdict = evaluation.bless(_measured(fid), threshold, baseline)
+    verdict = evaluator.bless(_measured(fid), threshold, baseline)
     assert verdict.blessed == blessed
     assert any(reason in line for line in verdict.reasons), verdict.reasons
 
@@ -319,7 +319,7 @@ def test_blessing(fid, threshold, baseline, blessed, reason):
 def test_salted_records_land_in_their_split():
     for split in ("train", "eval"):
         for png in (b"", b"\x89PNG one", b"\x89PNG two", bytes(range(256))):
-            record = examples.salted_record(png, split)
+            record = example_gen.salted_record(png, split)
             bucket = tf.strings.to_hash_bucket_fast(record, data.TEST_BUCKETS).numpy()
             assert (bucket == 0) == (split == "eval")
             parsed = tf.train.Example.FromString(record).features.feature

@@ -11,7 +11,8 @@ import pytest
 import tensorflow as tf
 from absl import flags
 
-from ncsn_tf import checkpoints, models, sample, sampling
+from ncsn_tf import models, sample, sampling
+from ncsn_tf.training import checkpoints
 from ncsn_tf.config import presets
 from ncsn_tf import images as image_io
 

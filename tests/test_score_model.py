@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ncsn_tf import optimizers, score_model
+from ncsn_tf.training import optimizers, score_model
 from ncsn_tf.config import presets
-from ncsn_tf.score_model import ScoreModel, draw_perturbation
+from ncsn_tf.training.score_model import ScoreModel, draw_perturbation
 
 SIZE, CHANNELS, LEVELS = 8, 1, 10
 SIGMAS = np.geomspace(5.0, 0.01, LEVELS).astype(np.float32)

@@ -19,7 +19,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import flags as absl_flags
 
-from ncsn_tf import callbacks, checkpoints, data, train, training
+from ncsn_tf import data, train, training
+from ncsn_tf.training import callbacks, checkpoints
 from ncsn_tf.config import presets, flags as config_flags
 
 REPO = Path(__file__).resolve().parents[1]

@@ -65,8 +65,9 @@ _PRESETS: dict[str, Config] = {
         dict(batch_size=128, n_iters=100001),
         dict(n_steps_each=5, step_lr=1.1e-5)),
     # Tiny offline quickstart: scikit-learn's handwritten digits (shipped with the package).
-    # σ1: exact max pairwise distance of all 1,797 images (/16, bilinear 8→16 px) is 8.543,
-    # rounded up to 8.6. D = 256 → γ = 1.1528, L = 49 for σL = 0.01; T = 5 → ε = 1.6e-5.
+    # σ1: max pairwise distance of the 1,600 training images (/16, bilinear 8→16 px) is 8.54
+    # (the same over all 1,797), rounded up to 8.6. D = 256 → γ = 1.1528, L = 49 for
+    # σL = 0.01; T = 5 → ε = 1.6e-5.
     "digits": _preset(
         "digits", dict(dataset="digits", image_size=16, channels=1, random_flip=False),
         # A few-minute CPU run: lr 1e-3 and EMA 0.99, since 0.999 lags a 1,500-step run.

@@ -9,10 +9,11 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from ncsn_tf import data, metrics
+from ncsn_tf import data
+from ncsn_tf.evaluation import metrics
 from ncsn_tf.config import presets
 from ncsn_tf.evaluation.sources import batches_of, images_of
-from ncsn_tf.inception import FeatureNetwork
+from ncsn_tf.evaluation.inception import FeatureNetwork
 from ncsn_tf.progress import Progress, duration
 
 Statistics = tuple[np.ndarray, np.ndarray]
@@ -86,7 +87,7 @@ def reference_features(config: presets.Config, feature_net: FeatureNetwork, *,
 
 class ManifoldMetrics:
     """Improved precision and recall, KID and per-sample realism of streamed samples against
-    reference features (see `ncsn_tf.metrics`), keeping the `num_worst` least realistic
+    reference features (see `ncsn_tf.evaluation.metrics`), keeping the `num_worst` least realistic
     images so that a person can look at the failures.
 
     Realism is computed for every sample; precision, recall and KID use the first

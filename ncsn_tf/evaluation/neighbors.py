@@ -8,7 +8,7 @@ import numpy as np
 
 from ncsn_tf.evaluation.sources import batches_of, images_of, to_nhwc
 from ncsn_tf.png import MIN_TILE, upscale_factor
-from ncsn_tf.inception import FeatureNetwork
+from ncsn_tf.evaluation.inception import FeatureNetwork
 
 
 @dataclasses.dataclass

@@ -10,10 +10,11 @@ from typing import Any
 import tensorflow as tf
 from absl import logging
 
-from ncsn_tf import checkpoints, metrics
+from ncsn_tf.training import checkpoints
+from ncsn_tf.evaluation import metrics
 from ncsn_tf.evaluation.fid import Statistics
 from ncsn_tf.evaluation.trained import load_checkpoint_model, model_fid_is
-from ncsn_tf.inception import FeatureNetwork
+from ncsn_tf.evaluation.inception import FeatureNetwork
 
 
 SWEEP_CSV_FIELDS = ("step", "fid", "inception_score", "num_samples", "network")

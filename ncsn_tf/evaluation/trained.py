@@ -10,10 +10,11 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import tensorflow as tf
 
-from ncsn_tf import checkpoints, data, serving, images as image_io, sampling
+from ncsn_tf import data, serving, images as image_io, sampling
+from ncsn_tf.training import checkpoints
 from ncsn_tf.config import presets, schema
 from ncsn_tf.evaluation.fid import ManifoldMetrics, Statistics, compute_fid_is, log_progress
-from ncsn_tf.inception import FeatureNetwork
+from ncsn_tf.evaluation.inception import FeatureNetwork
 from ncsn_tf.progress import Progress
 
 # int64 seeds [n] -> uint8 images [n, H, W, C], one image per seed.

@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from ncsn_tf import data, noise
 from ncsn_tf.png import upscale_factor
-from pipelines import examples
+from pipelines import example_gen
 
 STATISTICS_FILE = "statistics.json"
 MEAN_IMAGE_FILE = "mean_image.png"
@@ -26,7 +26,7 @@ MEAN_IMAGE_FILE = "mean_image.png"
 
 def compute(examples_dir: str, out_dir: str) -> dict[str, Any]:
     """Statistics of the train split of `examples_dir`, written to `out_dir` and returned."""
-    config = examples.read_config(examples_dir)
+    config = example_gen.read_config(examples_dir)
     images = data.load(config, "train", training=False)
     count, total, total_sq = 0, 0.0, 0.0
     for batch in images.batch(256).as_numpy_iterator():

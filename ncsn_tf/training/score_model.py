@@ -18,9 +18,10 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from ncsn_tf import models, optimizers
+from ncsn_tf import models
+from ncsn_tf.training import optimizers
 from ncsn_tf.config import presets, schema
-from ncsn_tf.losses import dsm_loss
+from ncsn_tf.training.losses import dsm_loss
 
 _TRAIN_STREAM, _TEST_STREAM = 0, 1
 

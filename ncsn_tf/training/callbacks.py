@@ -21,7 +21,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from ncsn_tf import checkpoints, images as image_io, progress, sampling
+from ncsn_tf import images as image_io, progress, sampling
+from ncsn_tf.training import checkpoints
 
 
 class NonFiniteLossError(RuntimeError):

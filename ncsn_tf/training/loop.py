@@ -1,10 +1,10 @@
 """Training and checkpoint evaluation of a `ScoreModel`: the library behind `ncsn_tf.train`.
 
 `train(config, workdir)` runs `ScoreModel.fit` under a tf.distribute strategy with the
-callbacks of `ncsn_tf.callbacks`, and resumes from the workdir's latest checkpoint. Workdir:
+callbacks of `callbacks`, and resumes from the workdir's latest checkpoint. Workdir:
 
     WORKDIR/config.yaml        the resolved config (a resumed run must match it)
-    WORKDIR/checkpoints/       net, ema_net, step, optimizer (`ncsn_tf.checkpoints`): the last
+    WORKDIR/checkpoints/       net, ema_net, step, optimizer (`checkpoints`): the last
                                few, every multiple of keep_every in checkpoints/kept/, and the
                                EMA weights of every snapshot in checkpoints/ema/
     WORKDIR/tensorboard/train  scalars, sample grids, the training-input grid
@@ -40,10 +40,11 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from ncsn_tf import callbacks, checkpoints, data, models, noise, sampling, workdir_lock
+from ncsn_tf import data, models, noise, sampling
+from ncsn_tf.training import callbacks, checkpoints, workdir_lock
 from ncsn_tf.config import presets
 from ncsn_tf.config.schema import RunOptions
-from ncsn_tf.score_model import ScoreModel
+from ncsn_tf.training.score_model import ScoreModel
 
 STRATEGIES = ("mirrored", "multi_worker", "tpu", "one_device")
 # Fields a resumed run may change without mixing two different trainings.
@@ -322,7 +323,7 @@ def _callbacks(config: presets.Config, model: ScoreModel, workdir: str,
                strategy: tf.distribute.Strategy, options: RunOptions, start_step: int,
                writer: tf.summary.SummaryWriter, checkpointer: callbacks.Checkpointer,
                chief: bool) -> list[keras.callbacks.Callback]:
-    """The fit callbacks, in the order `ncsn_tf.callbacks` needs them."""
+    """The fit callbacks, in the order `ncsn_tf.training.callbacks` needs them."""
     t = config.training
     guard = callbacks.NonFiniteLossGuard(start_step, model.net.sigmas.numpy(),
                                          model.num_buckets)

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from pipelines import examples
-from pipelines.pushing import PushedModel
+from pipelines import example_gen
+from pipelines.pusher import PushedModel
 
 METRICS_FILE = "metrics.json"
 SAMPLES_FILE = "samples.png"
@@ -34,10 +34,11 @@ def evaluate(model_dir: str, examples_dir: str, out_dir: str, *, feature_network
              num_samples: int) -> dict[str, Any]:
     """FID/IS of `num_samples` EMA samples of the workdir `model_dir`; writes `out_dir`.
 
-    `feature_network`: a spec of `ncsn_tf.inception.load_feature_network` (tfgan, keras,
+    `feature_network`: a spec of `ncsn_tf.evaluation.inception.load_feature_network` (tfgan, keras,
     random-test, ...); its name goes into the metrics. Returns the metrics.
     """
-    from ncsn_tf import data, images, inception, metrics
+    from ncsn_tf import data, images
+    from ncsn_tf.evaluation import inception, metrics
     from ncsn_tf import evaluation as fid
 
     if num_samples < 2:
@@ -47,7 +48,7 @@ def evaluate(model_dir: str, examples_dir: str, out_dir: str, *, feature_network
     samples = np.concatenate(list(fid.generate_samples(
         model.sample_fn, num_samples, model.config.sampling.sampling_batch_size)))
 
-    reference = data.load(examples.read_config(examples_dir), "test", training=False,
+    reference = data.load(example_gen.read_config(examples_dir), "test", training=False,
                           batch_size=250)
     mu, sigma, num_reference = fid.dataset_statistics(reference, feature_net)
     # IS over 10 splits as published, but with at least 50 samples per split.
@@ -61,7 +62,7 @@ def evaluate(model_dir: str, examples_dir: str, out_dir: str, *, feature_network
         "num_samples": num_samples,
         "network": feature_net.name,
         "reference": {"split": "eval", "num_images": num_reference,
-                      "source": examples.source_config(examples_dir).data.dataset},
+                      "source": example_gen.source_config(examples_dir).data.dataset},
         "step": model.step,
         "sampler": model.sampler,
     }

@@ -201,7 +201,7 @@ def load(path: str, ema: bool = True,
             f"{prefix} holds no {' or '.join(sorted(missing))}"
             + ("; it is an EMA snapshot (EMA weights only): use the EMA weights, or a full "
                "checkpoint in WORKDIR/checkpoints/" if missing == {"net"} else
-               "; it was not written by ncsn_tf.checkpoints"))
+               "; it was not written by ncsn_tf.training.checkpoints"))
     verify(prefix)
     net = models.build(config)
     step = tf.Variable(0, dtype=tf.int64)

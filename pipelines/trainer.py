@@ -14,7 +14,7 @@ from typing import Any
 
 from ncsn_tf import noise
 from ncsn_tf.config import flags, presets, schema
-from pipelines import examples, statistics
+from pipelines import example_gen, statistics_gen
 
 # The data come from the Examples; these fields are set by ExampleGen's parameters.
 DATA_FIELDS = ("dataset", "data_dir", "image_size", "channels")
@@ -31,10 +31,10 @@ def training_config(examples_dir: str, statistics_dir: str, overrides: dict[str,
                          "set them with the pipeline parameters of ExampleGen (dataset, "
                          "data_dir, image_size, channels).")
     overrides = _typed(overrides)
-    config = presets.override(examples.read_config(examples_dir), **overrides)
+    config = presets.override(example_gen.read_config(examples_dir), **overrides)
     sources = {}
     if use_proposed_noise:
-        stats = statistics.read(statistics_dir)
+        stats = statistics_gen.read(statistics_dir)
         m = config.model
         # Techniques 2 and 4 for the final table: the overridden fields stay as given.
         recommendation = noise.recommend(

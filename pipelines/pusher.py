@@ -48,7 +48,7 @@ def push(model_dir: str, serving_base: str, model_name: str,
          evaluation: dict[str, Any]) -> PushedModel:
     """Exports the EMA weights of the training workdir `model_dir` as the next version of
     `<serving_base>/<model_name>`, with `evaluation` recorded in it."""
-    from ncsn_tf import checkpoints
+    from ncsn_tf.training import checkpoints
 
     serving.check_model_name(model_name)
     net, config, step = checkpoints.load(model_dir, ema=True)
