@@ -21,7 +21,9 @@ from absl import flags as absl_flags
 
 from ncsn_tf import data, train, training
 from ncsn_tf.training import callbacks, checkpoints
-from ncsn_tf.config import presets, flags as config_flags
+from ncsn_tf.training.score_model import ScoreModel
+from ncsn_tf.config import flags as config_flags
+from ncsn_tf.config import presets
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(ngf=8, num_scales=10, batch_size=8, log_freq=1, n_steps_each=1,
@@ -385,7 +387,7 @@ def test_resume_a_converted_official_checkpoint_and_fine_tune_from_it(tmp_path, 
     source_ema, _, _ = checkpoints.load(str(converted / "checkpoints" / "ckpt-1000"))
     config = presets.override(presets.get("digits"), image_size=28, channels=1, ngf=8,
                               num_scales=12)
-    model = training.ScoreModel(config)
+    model = ScoreModel(config)
     assert training.initialize_from(model, config, str(converted / "checkpoints" /
                                                        "ckpt-1000")) == 1000
     for mine, theirs in ((model.net, source_live), (model.ema_net, source_ema)):
