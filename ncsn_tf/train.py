@@ -47,7 +47,7 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
     from ncsn_tf import data, training
     from ncsn_tf.training import callbacks, checkpoints, workdir_lock
 
-    config = _config(f, training, data)  # bad flags fail here, before any heavy work
+    config = _config(f, checkpoints, data)  # bad flags fail here, before any heavy work
     # MultiWorkerMirroredStrategy must exist before any other TensorFlow op runs.
     strategy = training.create_strategy(f.strategy, f.tpu)
     try:
@@ -75,7 +75,7 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
     return 0
 
 
-def _config(f: flags.FlagValues, training, data):
+def _config(f: flags.FlagValues, checkpoints, data):
     """Flags -> config; a bare `--workdir=DIR` (plus overrides) resumes DIR's saved config."""
     from tensorflow import io
 
@@ -83,8 +83,8 @@ def _config(f: flags.FlagValues, training, data):
         sys.exit(f"ncsn_tf.train: --workdir={f.workdir} is a file, not a directory; pass a "
                  "new or existing run directory")
     given = any(f[name].present for name in ("preset", "config", "dataset", "image_size"))
-    if not given and training.read_workdir_config(f.workdir) is not None:
-        f.config = training.config_path(f.workdir)
+    if not given and checkpoints.read_config(f.workdir, missing_ok=True) is not None:
+        f.config = checkpoints.config_path(f.workdir)
         logging.info("Using the config saved in %s", f.config)
     try:
         config = config_flags.config_from_flags(f)

@@ -69,21 +69,18 @@ def statistics_gen(examples: Input[Dataset], statistics: Output[Artifact]):
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def trainer(examples: Input[Dataset], statistics: Input[Artifact], use_proposed_noise: bool,
-            n_iters: int, batch_size: int, ngf: int, config_overrides: dict,
-            model: Output[Model], tensorboard: Output[Artifact]):
+            config_overrides: dict, model: Output[Model], tensorboard: Output[Artifact]):
     """Trainer: NCSNv2 on the train split; the Model artifact is the training workdir.
 
-    Noise scales come from StatisticsGen when `use_proposed_noise`; `n_iters`, `batch_size`,
-    `ngf` (0 = keep) and `config_overrides` (any config field) override the rest.
+    Noise scales come from StatisticsGen when `use_proposed_noise`; `config_overrides` (any
+    config field) override the rest.
     """
     import os
 
     from pipelines import trainer as training
 
-    overrides = dict(config_overrides)
-    overrides.update({name: value for name, value in
-                      (("n_iters", n_iters), ("batch_size", batch_size), ("ngf", ngf)) if value})
-    config, sources = training.training_config(examples.path, statistics.path, overrides,
+    config, sources = training.training_config(examples.path, statistics.path,
+                                               dict(config_overrides),
                                                use_proposed_noise=use_proposed_noise)
     for field, source in sorted(sources.items()):
         print(f"Trainer: {field} = {training.config_value(config, field)!r} ({source})")

@@ -37,9 +37,6 @@ def ncsn_pipeline(
         max_train_examples: int = 0,
         max_eval_examples: int = 0,
         use_proposed_noise: bool = True,
-        n_iters: int = 0,
-        batch_size: int = 0,
-        ngf: int = 0,
         config_overrides: dict = {},  # noqa: B006 (KFP reads the default from the signature)
         feature_network: str = "tfgan",
         num_eval_samples: int = 1000,
@@ -50,8 +47,8 @@ def ncsn_pipeline(
 ) -> Outputs:
     """Parameters: the data (`dataset`, `preset` ("" = the dataset's), `data_dir`,
     `image_size`/`channels` (0 = the preset's), `max_*_examples` (0 = all)); training
-    (`use_proposed_noise`: σ1, L, ε from StatisticsGen; `n_iters`, `batch_size`, `ngf` (0 =
-    keep) and `config_overrides`, any config field); evaluation (`feature_network`: tfgan,
+    (`use_proposed_noise`: σ1, L, ε from StatisticsGen; `config_overrides`: any config field,
+    e.g. {"n_iters": 1500, "batch_size": 64}); evaluation (`feature_network`: tfgan,
     keras or random-test; `num_eval_samples`; `fid_threshold` (<= 0: none)); serving
     (`serving_base`, `model_name`); `image`: the container image on Kubeflow / Vertex AI."""
     gen = components.example_gen(
@@ -61,8 +58,7 @@ def ncsn_pipeline(
     stats = components.statistics_gen(examples=gen.outputs["examples"])
     train = components.trainer(
         examples=gen.outputs["examples"], statistics=stats.outputs["statistics"],
-        use_proposed_noise=use_proposed_noise, n_iters=n_iters, batch_size=batch_size, ngf=ngf,
-        config_overrides=config_overrides)
+        use_proposed_noise=use_proposed_noise, config_overrides=config_overrides)
     evaluate = components.evaluator(
         model=train.outputs["model"], examples=gen.outputs["examples"],
         feature_network=feature_network, num_samples=num_eval_samples,

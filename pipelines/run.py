@@ -31,9 +31,8 @@ from absl import app, flags, logging
 from ncsn_tf.config import flags as config_flags
 from pipelines import trainer
 
-# Config fields that ExampleGen takes as its own parameters, and those the pipeline names.
+# Config fields that ExampleGen takes as its own parameters; the others go to the Trainer.
 DATA_PARAMETERS = trainer.DATA_FIELDS
-TRAINER_PARAMETERS = ("n_iters", "batch_size", "ngf")
 
 
 class PipelineFailed(RuntimeError):
@@ -88,7 +87,7 @@ def pipeline_arguments(flag_values: flags.FlagValues = flags.FLAGS) -> dict[str,
     fields.update({name: f[name].value for name in config_flags.config_fields()
                    if f[name].value is not None})
     arguments = {}
-    for name in DATA_PARAMETERS + TRAINER_PARAMETERS:
+    for name in DATA_PARAMETERS:
         value = fields.pop(name, None)
         if value is not None:
             arguments[name] = value

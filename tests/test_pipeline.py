@@ -27,9 +27,9 @@ from pipelines import evaluator, example_gen, pipeline, pusher, run, statistics_
 from pipelines.pusher import PushedModel
 
 MODEL_NAME = "tiny"
-TRAINING = dict(n_iters=3, batch_size=16, ngf=4, config_overrides={
-    "n_steps_each": 1, "snapshot_freq": 3, "snapshot_sampling": False, "test_freq": 0,
-    "log_freq": 1, "sampling_batch_size": 8})
+TRAINING = dict(config_overrides={
+    "n_iters": 3, "batch_size": 16, "ngf": 4, "n_steps_each": 1, "snapshot_freq": 3,
+    "snapshot_sampling": False, "test_freq": 0, "log_freq": 1, "sampling_batch_size": 8})
 ARGUMENTS = dict(dataset="digits", max_train_examples=200, max_eval_examples=40,
                  feature_network="random-test", num_eval_samples=8, model_name=MODEL_NAME,
                  **TRAINING)
@@ -221,8 +221,9 @@ def test_flags_become_pipeline_parameters(tmp_path):
                       "--nouse_proposed_noise", "--fid_threshold=30", "--image=img:1",
                       "--serving_base=/srv/models")
     assert run.pipeline_arguments(fv) == {
-        "dataset": "folder:/data/faces", "image_size": 64, "n_iters": 100, "ngf": 8,
-        "config_overrides": {"random_flip": False, "ema_rate": 0.99, "num_scales": 20},
+        "dataset": "folder:/data/faces", "image_size": 64,
+        "config_overrides": {"random_flip": False, "ngf": 8, "ema_rate": 0.99, "n_iters": 100,
+                             "num_scales": 20},
         "preset": "celeb_a", "image": "img:1", "serving_base": "/srv/models",
         "fid_threshold": 30.0, "use_proposed_noise": False}
     assert run.pipeline_arguments(_flag_values()) == {}  # the pipeline's defaults stand

@@ -4,11 +4,10 @@ log, snapshot and stop (`callbacks`), checkpoints and the workdir lock (`checkpo
 `workdir_lock`), and the loop that runs them under a tf.distribute strategy (`loop`)."""
 from ncsn_tf.training.loop import (MAX_TO_KEEP, SAMPLES_DIR, STRATEGIES, TENSORBOARD_DIR,
                                    RunConfigError, RunOptions, TrainResult, check_batch_size,
-                                   config_path, create_strategy, evaluate_checkpoints,
-                                   initialize_from, prepare_workdir, read_workdir_config,
-                                   snapshot_levels, train)
+                                   create_strategy, evaluate_checkpoints, initialize_from,
+                                   prepare_workdir, snapshot_levels, train)
 
 __all__ = ["MAX_TO_KEEP", "SAMPLES_DIR", "STRATEGIES", "TENSORBOARD_DIR", "RunConfigError",
-           "RunOptions", "TrainResult", "check_batch_size", "config_path", "create_strategy",
-           "evaluate_checkpoints", "initialize_from", "prepare_workdir", "read_workdir_config",
-           "snapshot_levels", "train"]
+           "RunOptions", "TrainResult", "check_batch_size", "create_strategy",
+           "evaluate_checkpoints", "initialize_from", "prepare_workdir", "snapshot_levels",
+           "train"]

@@ -70,20 +70,26 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(workdir, CHECKPOINT_DIR)
 
 
+def config_path(workdir: str) -> str:
+    return os.path.join(workdir, CONFIG_FILE)
+
+
 def write_config(workdir: str, config: presets.Config) -> str:
     """Writes WORKDIR/config.yaml (atomically) and returns its path."""
     tf.io.gfile.makedirs(workdir)
-    path = os.path.join(workdir, CONFIG_FILE)
+    path = config_path(workdir)
     with tf.io.gfile.GFile(path + ".tmp", "w") as f:
         f.write(yaml.safe_dump(config.to_dict(), sort_keys=False))
     tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
     return path
 
 
-def read_config(workdir: str) -> presets.Config:
-    """The config saved in WORKDIR/config.yaml."""
-    path = os.path.join(workdir, CONFIG_FILE)
+def read_config(workdir: str, missing_ok: bool = False) -> presets.Config | None:
+    """The config saved in WORKDIR/config.yaml; None for a new workdir when `missing_ok`."""
+    path = config_path(workdir)
     if not tf.io.gfile.exists(path):
+        if missing_ok:
+            return None
         raise FileNotFoundError(f"{path} not found: {workdir} is not an ncsn_tf workdir (train "
                                 "into it, or import an official checkpoint with ncsn_tf.convert)")
     return presets.Config.from_dict(flags.read_yaml(path))
@@ -237,6 +243,15 @@ def verify(prefix: str) -> None:
             reader.get_tensor(key)
     except (tf.errors.OpError, ValueError, IndexError) as e:  # IndexError: truncated .data
         raise UnreadableCheckpointError(prefix, e) from None
+
+
+def restore_ema(prefix: str, ema_net: keras.Model) -> None:
+    """Restores only the EMA weights of a checkpoint into `ema_net` (what evaluating a
+    checkpoint needs; its optimizer state and live weights are not read)."""
+    if "ema_net" not in contents(prefix):
+        raise CheckpointError(f"{prefix} holds no EMA weights to evaluate")
+    status = tf.train.Checkpoint(ema_net=ema_net.weights).restore(prefix)
+    status.assert_existing_objects_matched().expect_partial()
 
 
 def restore(prefix: str, *, net: keras.Model, ema_net: keras.Model, step: tf.Variable,

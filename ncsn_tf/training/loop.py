@@ -120,17 +120,6 @@ def check_batch_size(config: presets.Config, strategy: tf.distribute.Strategy) -
 
 # ---------------------------------------------------------------------------- workdir
 
-def config_path(workdir: str) -> str:
-    return os.path.join(workdir, checkpoints.CONFIG_FILE)
-
-
-def read_workdir_config(workdir: str) -> presets.Config | None:
-    """The config a workdir was trained with, or None for a new workdir."""
-    if not tf.io.gfile.exists(config_path(workdir)):
-        return None
-    return checkpoints.read_config(workdir)
-
-
 def config_changes(old: presets.Config, new: presets.Config) -> list[tuple[str, str, object,
                                                                            object]]:
     """(section, field, old value, new value) for every field that differs."""
@@ -153,7 +142,7 @@ def prepare_workdir(config: presets.Config, workdir: str, *, write: bool = True,
     logging/snapshot frequencies, sampling settings, data_dir) are logged and others raise
     `RunConfigError` unless `allow_config_change`. Before that, any change is accepted.
     """
-    previous = read_workdir_config(workdir)
+    previous = checkpoints.read_config(workdir, missing_ok=True)
     changes = config_changes(previous, config) if previous is not None else []
     if changes:
         listing = "; ".join(f"{s + '.' if s else ''}{f}: {a!r} -> {b!r}"
@@ -463,10 +452,7 @@ def evaluate_checkpoints(config: presets.Config, workdir: str,
               if chief else tf.summary.create_noop_writer())
     rows = []
     for step, path in paths.items():
-        if "ema_net" not in checkpoints.contents(path):
-            raise checkpoints.CheckpointError(f"{path} holds no EMA weights to evaluate")
-        status = tf.train.Checkpoint(ema_net=model.ema_net.weights).restore(path)
-        status.assert_existing_objects_matched().expect_partial()
+        checkpoints.restore_ema(path, model.ema_net)
         results = model.evaluate(test_ds, verbose=0, return_dict=True)
         row = {"step": step, "test_loss": results["loss"],
                **{k: v for k, v in sorted(results.items()) if k.startswith("loss_bucket_")}}
