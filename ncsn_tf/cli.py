@@ -90,6 +90,19 @@ def model_source(flag_values: flags.FlagValues) -> str:
     return flag_values.workdir or flag_values.checkpoint
 
 
+def define_deprecated_aliases(renamed: dict[str, str], flag_values: flags.FlagValues) -> None:
+    """`--old` for each `old -> new` in `renamed`: the spelling of an earlier release,
+    accepted for one release (`warn_deprecated` says so)."""
+    for old, new in renamed.items():
+        flags.DEFINE_alias(old, new, flag_values=flag_values)
+
+
+def warn_deprecated(renamed: dict[str, str], flag_values: flags.FlagValues) -> None:
+    for old, new in renamed.items():
+        if flag_values[old].present:
+            absl_logging.warning("--%s is deprecated; it is --%s now.", old, new)
+
+
 def run(main: Callable) -> None:
     """`absl.app.run(main)`, except that asking for help exits with status 0 (absl's is 1)
     and the console holds the project's own log lines, as `12:03:04 message`, and the errors

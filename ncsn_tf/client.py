@@ -155,18 +155,23 @@ def sample_pngs(host: str, model: str, seeds: Sequence[int], *,
     return pngs
 
 
+# Old spelling -> flag (one name per concept across the CLIs): accepted for one release.
+DEPRECATED_FLAGS = {"model": "model_name", "batch_size": "seeds_per_request"}
+
+
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """Defines this CLI's flags on `flag_values`."""
     fv = dict(flag_values=flag_values)
     flags.DEFINE_string("host", "localhost:8501", "TF Serving REST address, HOST:PORT or an "
                         "http(s):// URL.", **fv)
-    flags.DEFINE_string("model", "ncsn", "Model name (its directory under the base path).", **fv)
+    flags.DEFINE_string("model_name", "ncsn", "Model name (its directory under the base path, "
+                        "as export's --model_name).", **fv)
     flags.DEFINE_integer("version", None, "Model version; default: the one TF Serving serves.",
                          **fv)
     flags.DEFINE_integer("num_samples", 4, "Number of images.", **fv)
     flags.DEFINE_integer("seed", 0, "Image i uses seed --seed + i.", **fv)
-    flags.DEFINE_integer("batch_size", 16, "Seeds per request (at most the export's "
-                         "--max_batch).", **fv)
+    flags.DEFINE_integer("seeds_per_request", 16, "Seeds (images) per request, at most the "
+                         "export's --max_batch.", **fv)
     flags.DEFINE_string("out", "grid.png", "PNG grid to write.", **fv)
     flags.DEFINE_integer("n_steps_each", None, "Langevin steps per noise level (with "
                          "--step_lr and --denoise: uses sample_with_settings).", **fv)
@@ -178,6 +183,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                          **fv)
     flags.DEFINE_float("timeout", 600.0, "Seconds a request may take in all (connecting, "
                        "sampling and reading the answer); > 0.", **fv)
+    cli.define_deprecated_aliases(DEPRECATED_FLAGS, flag_values)
 
 
 def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -185,8 +191,9 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
     try:
         if len(argv) > 1:
             raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-        if f.num_samples < 1 or f.batch_size < 1:
-            raise app.UsageError("--num_samples and --batch_size must be >= 1")
+        cli.warn_deprecated(DEPRECATED_FLAGS, f)
+        if f.num_samples < 1 or f.seeds_per_request < 1:
+            raise app.UsageError("--num_samples and --seeds_per_request must be >= 1")
         if not f.timeout > 0:
             raise app.UsageError(f"--timeout={f.timeout:g} must be > 0 seconds")
         settings = {"n_steps_each": f.n_steps_each, "step_lr": f.step_lr,
@@ -197,13 +204,13 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
                                  "(sample_with_settings needs all three); got only "
                                  + ", ".join(f"--{k}" for k in given))
         if f.show_settings:
-            print(json.dumps(sampler_settings(f.host, f.model, version=f.version,
+            print(json.dumps(sampler_settings(f.host, f.model_name, version=f.version,
                                               timeout=f.timeout), indent=2))
             return
         seeds = list(range(f.seed, f.seed + f.num_samples))
         pngs = []
-        for start in range(0, len(seeds), f.batch_size):
-            pngs += sample_pngs(f.host, f.model, seeds[start:start + f.batch_size],
+        for start in range(0, len(seeds), f.seeds_per_request):
+            pngs += sample_pngs(f.host, f.model_name, seeds[start:start + f.seeds_per_request],
                                 settings=settings if given else None, version=f.version,
                                 timeout=f.timeout)
         _write_grid(pngs, seeds, f.out)

@@ -434,9 +434,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_bool("no_ema", False, "Sample with the live weights instead of the EMA "
                       "weights: both are converted, and this puts the live ones in the EMA "
                       "slot too.", **fv)
-    # The spellings of earlier releases, for one release.
-    for old, new in DEPRECATED_FLAGS.items():
-        flags.DEFINE_alias(old, new, **fv)
+    cli.define_deprecated_aliases(DEPRECATED_FLAGS, flag_values)
     flags.mark_flags_as_required(["checkpoint", "config", "workdir"], flag_values=flag_values)
 
 
@@ -444,9 +442,7 @@ def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     f = flag_values
-    for old, new in DEPRECATED_FLAGS.items():
-        if f[old].present:
-            logging.warning("--%s is deprecated; it is --%s now.", old, new)
+    cli.warn_deprecated(DEPRECATED_FLAGS, f)
     try:
         convert(f.checkpoint, f.config, f.workdir, ema=not f.no_ema)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:

@@ -210,13 +210,19 @@ def server(model):
     thread.join(timeout=10)
 
 
-def test_client_cli_writes_a_grid(model, server, tmp_path):
+@pytest.mark.parametrize("names", [("--model_name", "--seeds_per_request"),
+                                   ("--model", "--batch_size")])  # the deprecated spellings
+def test_client_cli_writes_a_grid(model, server, tmp_path, names, caplog):
     fv = flags.FlagValues()
     client.define_flags(fv)
     out = tmp_path / "grid.png"
-    argv = fv(["client", f"--host={server}", "--model=ncsn", "--num_samples=4", "--seed=10",
-               "--batch_size=3", f"--out={out}"])
-    client.main(argv, fv)
+    argv = fv(["client", f"--host={server}", f"{names[0]}=ncsn", "--num_samples=4", "--seed=10",
+               f"{names[1]}=3", f"--out={out}"])
+    with caplog.at_level("WARNING"):
+        client.main(argv, fv)
+    deprecated = names[0] == "--model"
+    assert ("--model is deprecated; it is --model_name now" in caplog.text) == deprecated
+    assert ("--batch_size is deprecated" in caplog.text) == deprecated
     grid = tf.io.decode_png(tf.io.read_file(str(out))).numpy()
     assert grid.shape == (2 * 66 + 2, 2 * 66 + 2, 1)  # 2x2 cells of 16 px shown at 64, 2 px padding
     images = model.signatures["serving_default"](
@@ -234,7 +240,7 @@ def test_client_shows_the_served_settings(server, capsys):
     assert settings["bounds"]["max_batch"] == LIMITS.max_batch and settings["step"] == 5
     fv = flags.FlagValues()
     client.define_flags(fv)
-    client.main(fv(["client", f"--host={server}", "--model=ncsn", "--show_settings"]), fv)
+    client.main(fv(["client", f"--host={server}", "--model_name=ncsn", "--show_settings"]), fv)
     assert json.loads(capsys.readouterr().out) == settings
 
 
@@ -351,7 +357,7 @@ def test_client_cli_writes_without_tensorflow_and_names_a_damaged_image(broken_s
         "fv = flags.FlagValues()\n"
         "client.define_flags(fv)\n"
         "for model, n in (('fewer_images', 1), ('damaged_png', 2)):\n"
-        f"    argv = fv(['client', '--host={broken_server}', '--model=' + model, "
+        f"    argv = fv(['client', '--host={broken_server}', '--model_name=' + model, "
         f"'--num_samples=' + str(n), '--out={tmp_path}/one.png'])\n"
         "    try:\n"
         "        client.main(argv, fv)\n"
