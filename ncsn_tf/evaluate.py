@@ -79,10 +79,9 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
         flags.declare_key_flag(field, flag_values=flag_values)  # listed by --help
     flags.DEFINE_string("samples", None, "Samples: an .npz (key 'samples' or its first array; "
                         "uint8 or float in [0,1], NHWC or NCHW) or a folder of images.", **fv)
-    flags.DEFINE_string("workdir", None, "Draw the samples from the EMA weights of this "
-                        "training workdir's latest checkpoint.", **fv)
-    flags.DEFINE_string("checkpoint", None, "Draw the samples from the EMA weights of this "
-                        "checkpoint prefix (WORKDIR/checkpoints/ckpt-N).", **fv)
+    cli.define_model_source_flags(flag_values, "sampled (its EMA weights)", weights=False)
+    for name in ("workdir", "checkpoint"):
+        flags.declare_key_flag(name, flag_values=flag_values)  # listed by --help
     flags.DEFINE_string("saved_model", None, "Draw the samples from this export of "
                         "ncsn_tf.export (a version directory, e.g. saved_models/ncsn/1).", **fv)
     flags.DEFINE_string("sweep_workdir", None, "Fast FID: FID/IS of --num_samples samples "

@@ -30,9 +30,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_string("base_path", "saved_models", "Directory (or gs://, s3:// prefix) that "
                         "holds one directory per model.", **fv)
     cli.define_sampler_flags(flag_values, cli.SAMPLER_FIELDS, default="from the config")
-    flags.DEFINE_boolean("data_init", None, "Must be off (--nodata_init) for a model trained "
-                         "or configured with data_init: a served model samples from uniform "
-                         "noise, since requests carry no held-out images.", **fv)
+    config_flags.define_field_flag(
+        "data_init", "Must be off (--nodata_init) for a model trained or configured with it: a "
+        "served model samples from uniform noise, since requests carry no held-out images.",
+        flag_values)
     flags.DEFINE_integer("max_batch", None, "Most seeds (images) one request may ask for. "
                          "Default: the config's sampling_batch_size.", **fv)
     flags.DEFINE_integer("max_n_steps_each", serving.DEFAULT_MAX_N_STEPS_EACH,

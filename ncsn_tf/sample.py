@@ -157,8 +157,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_boolean("interpolate", False, "Interpolate between the noise of two seeds "
                          "per row (the official angle scheme).", **fv)
     flags.DEFINE_integer("n_interpolations", 15, "Images per row with --interpolate.", **fv)
-    flags.DEFINE_boolean("data_init", None, "Start from test images perturbed by sigma_1 "
-                         "instead of uniform noise. Default: from the config.", **fv)
+    config_flags.define_field_flag("data_init", "Default: from the config.", flag_values)
     flags.DEFINE_integer("trajectory_every", 0, "Also save x after every k-th Langevin step: "
                          "OUT_trajectory.png (one row per frame, the first "
                          f"{_TRAJECTORY_COLUMNS} images) and 'trajectory' in --npz.", **fv)

@@ -35,6 +35,7 @@ import tensorflow as tf
 from ncsn_tf import images as image_io
 from ncsn_tf import sampling
 from ncsn_tf.config import presets
+from ncsn_tf.sampling.driver import checked
 
 SIGNATURES = ("serving_default", "sample_with_settings", "inpaint", "score", "sampler_settings")
 DEFAULT_MAX_N_STEPS_EACH = 20  # 4x the largest official T; a request costs L·T network calls
@@ -235,12 +236,12 @@ def _check_request(value, condition, message: str, *data, shape: list | None = N
     """`value`, after an in-graph check that fails with InvalidArgument(message, data); with
     `shape` (None: any size), reshaped to it only where `condition` holds, so that no shape
     error can come before the message (TensorFlow does not order EnsureShape after it)."""
-    with tf.control_dependencies([tf.debugging.Assert(condition, [message, *data],
-                                                      summarize=16)]):
-        if shape is None:
-            return tf.identity(value)
-        target = [-1 if d is None else d for d in shape]
-        empty = [0 if d is None else d for d in shape]
+    assertion = tf.debugging.Assert(condition, [message, *data], summarize=16)
+    if shape is None:
+        return checked(value, assertion)
+    target = [-1 if d is None else d for d in shape]
+    empty = [0 if d is None else d for d in shape]
+    with tf.control_dependencies([assertion]):
         return tf.cond(condition, lambda: tf.reshape(value, target),
                        lambda: tf.zeros(empty, value.dtype))
 
