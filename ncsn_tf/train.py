@@ -96,4 +96,4 @@ def _config(f: flags.FlagValues, checkpoints, data):
 
 if __name__ == "__main__":
     define_flags()
-    cli.run(main)
+    cli.run(main, exit_at_once=True)
