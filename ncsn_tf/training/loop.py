@@ -382,11 +382,6 @@ def _held_out_iterator(config: presets.Config, strategy: tf.distribute.Strategy,
         logging.warning("No held-out loss: the %s split is not available (%s).", split, error)
         return None
     batches = images.repeat().batch(config.training.batch_size, drop_remainder=True)
-    # One batch every test_freq steps needs no tuning, and tf.data's autotuning thread holds
-    # up the iterator's destruction, at exit, by up to its (growing) sleep: 10 s and more.
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    batches = batches.with_options(options)
     return iter(strategy.experimental_distribute_dataset(_distributable(batches)))
 
 
