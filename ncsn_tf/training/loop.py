@@ -331,6 +331,10 @@ def _callbacks(config: presets.Config, model: ScoreModel, workdir: str,
     out.append(checkpointer)
     if snapshots is not None:
         out.append(snapshots)
+    if chief:  # what the console would otherwise not explain: a silent wait before `Done`
+        out.append(keras.callbacks.LambdaCallback(on_train_end=lambda logs: logging.info(
+            "Closing the training input pipeline (TensorFlow waits for its tf.data threads; "
+            "this can take up to a minute).")))
     return out
 
 
