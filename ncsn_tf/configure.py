@@ -18,13 +18,20 @@ import sys
 from absl import app, flags
 
 from ncsn_tf import cli, noise
-from ncsn_tf.config import presets
+from ncsn_tf.config import presets, schema
 from ncsn_tf.config.flags import help_text, resolve_config
 
 # Flags that only make sense when σ1 is measured on a dataset.
 _DATASET_ONLY = ("preset", "data_dir", "exact", "max_examples", "block_size", "seed")
-_DEFAULT_SIGMA_END = 0.01
-_DEFAULT_N_STEPS_EACH = 5
+
+
+def _declared(field: str):
+    """The schema's declaration of a config field (its default and range)."""
+    return schema.fields()[field][1]
+
+
+_DEFAULT_SIGMA_END = _declared("sigma_end").default
+_DEFAULT_N_STEPS_EACH = _declared("n_steps_each").default
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -36,8 +43,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                       "--dataset (default: the dataset's own preset, or for folder:/tfrecord: "
                       "data the one matching --image_size).", **fv)
     flags.DEFINE_integer("image_size", None, help_text("image_size") + " Without --dataset, "
-                         "gives D with --channels.", lower_bound=1, **fv)
-    flags.DEFINE_integer("channels", None, help_text("channels"), lower_bound=1, **fv)
+                         "gives D with --channels.",
+                         lower_bound=_declared("image_size").metadata["min"], **fv)
+    flags.DEFINE_integer("channels", None, help_text("channels"), **fv)
     flags.DEFINE_string("data_dir", None, help_text("data_dir"), **fv)
     flags.DEFINE_boolean("exact", False, "Compare every pair of training images (reads the "
                          "data 1 + ceil(N/block_size) times) instead of a random subsample of "
@@ -56,15 +64,21 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        f"with --dataset, else {_DEFAULT_SIGMA_END}.", **fv)
     flags.DEFINE_integer("n_steps_each", None, "Langevin steps per noise level T (Technique 4 "
                          "picks the step size for it). Default: the preset's with --dataset, "
-                         f"else {_DEFAULT_N_STEPS_EACH}.", lower_bound=1, **fv)
+                         f"else {_DEFAULT_N_STEPS_EACH}.",
+                         lower_bound=_declared("n_steps_each").metadata["min"], **fv)
     flags.DEFINE_integer("num_scales", None, "Number of noise levels L to use instead of "
                          "Technique 2's; the step size is chosen for that table and the "
-                         "variance ratio it achieves is reported.", lower_bound=2, **fv)
+                         "variance ratio it achieves is reported.",
+                         lower_bound=_declared("num_scales").metadata["min"], **fv)
     flags.DEFINE_boolean("json", False, "Print one JSON object instead of a table.", **fv)
 
 
 def run(fv: flags.FlagValues) -> str:
     """The report for parsed flags `fv` (a table, or JSON with --json)."""
+    channels = _declared("channels").metadata["choices"]
+    if fv.channels is not None and fv.channels not in channels:
+        raise app.UsageError(f"--channels={fv.channels} must be one of "
+                             f"{', '.join(map(str, channels))}")
     if fv.dataset is not None:
         report = _from_dataset(fv)
     else:
