@@ -21,6 +21,7 @@ from absl import flags, logging
 
 from ncsn_tf.config import presets, schema
 
+
 def config_fields() -> dict[str, tuple[str, type]]:
     """Every flat config field -> (section, Python type), in declaration order."""
     return {name: (section, schema.kind(name)) for name, (section, _) in schema.fields().items()}
@@ -42,17 +43,14 @@ def define_option_flags(cls: type, flag_values: flags.FlagValues) -> None:
     """One flag per field of the options dataclass `cls` (e.g. `schema.RunOptions`), with the
     field's default."""
     for declared in dataclasses.fields(cls):
-        _define(declared, schema._type(cls, declared.name), declared.default,
+        _define(declared, schema.field_type(cls, declared.name), declared.default,
                 declared.metadata["help"], flag_values)
 
 
 def options_from_flags(cls: type, flag_values: flags.FlagValues):
-    """The `cls` options given by `define_option_flags`' flags (parsed), validated."""
-    options = cls(**{f.name: flag_values[f.name].value for f in dataclasses.fields(cls)})
-    found = schema.problems(options)
-    if found:
-        raise ValueError("Invalid flags:\n  " + "\n  ".join(found))
-    return options
+    """The `cls` options given by `define_option_flags`' flags (checked while parsing: their
+    choices and closed ranges)."""
+    return cls(**{f.name: flag_values[f.name].value for f in dataclasses.fields(cls)})
 
 
 def _define(declared, kind: type, default: Any, help_str: str,

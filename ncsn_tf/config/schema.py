@@ -251,7 +251,8 @@ def fields() -> dict[str, tuple[str, dataclasses.Field]]:
 
 
 @functools.cache
-def _type(cls: type, name: str) -> type:
+def field_type(cls: type, name: str) -> type:
+    """The Python type of field `name` of the dataclass `cls` (`str | None` -> str)."""
     hint = typing.get_type_hints(cls)[name]
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
@@ -261,7 +262,7 @@ def _type(cls: type, name: str) -> type:
 def kind(field: str) -> type:
     """The Python type of a flat config field (`str | None` -> str)."""
     section, _ = fields()[field]
-    return _type(type(getattr(Config(), section)), field)
+    return field_type(type(getattr(Config(), section)), field)
 
 
 def field_section(field: str) -> str:
@@ -286,7 +287,7 @@ def problems(settings: Any) -> list[str]:
     found = []
     for declared in dataclasses.fields(settings):
         field, value = declared.name, getattr(settings, declared.name)
-        kind_of = _type(type(settings), field)
+        kind_of = field_type(type(settings), field)
         if value is None and declared.default is None:
             continue
         if kind_of in (int, float) and (isinstance(value, bool)

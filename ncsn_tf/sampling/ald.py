@@ -23,9 +23,9 @@ class AnnealedLangevin(Sampler):
 
     def __init__(self, score_fn, sigmas, shape, *, n_steps_each: int, step_lr: float,
                  **options):
-        if not tf.is_tensor(n_steps_each) and n_steps_each < 1:
+        if n_steps_each < 1:
             raise ValueError(f"n_steps_each must be >= 1, got {n_steps_each}")
-        if not tf.is_tensor(step_lr) and not step_lr > 0:
+        if not step_lr > 0:
             raise ValueError(f"step_lr must be > 0, got {step_lr}")
         self.n_steps_each, self.step_lr = n_steps_each, step_lr
         super().__init__(score_fn, sigmas, shape, **options)
