@@ -11,18 +11,19 @@ For each model (workdir i) and each sampler setting below (or `--settings`), `--
 images from the EMA weights, seeds i·N … i·N + N − 1, saved as `OUT/model<i>/<setting>.npz`
 (reused when present, so a rerun only scores) and scored by `digit_judge` with bootstrap 95%
 intervals: Fréchet distance, KID, precision, recall, broken-sample rate (the judge's "not a
-digit"), pixel-noise rate and confidence; a grid of the 32 least realistic samples beside
-each file. One JSON line per model and setting; then a Markdown table over the models (mean ±
-standard deviation across models; broken samples counted over all of them; on how many models
-Fréchet distance, precision and recall are all inside ALD's bootstrap 95% intervals or
-better) and,
-with `--plot` (needs matplotlib), quality against NFE as a PNG. `--summarize=JSONL` redoes
-the table and plot from earlier lines.
+digit"), pixel-noise rate and confidence; beside each file a grid of the 32 least realistic
+samples and one of the (first 32) samples the judge calls broken. One JSON line per model
+and setting; then a Markdown table over the models (mean ± standard deviation across models;
+broken samples counted over all of them, and whether more often than ALD's on the same
+models, one-sided p < 0.05; on how many models Fréchet distance, precision and recall are
+all inside ALD's bootstrap 95% intervals or better) and, with `--plot` (needs matplotlib),
+quality against NFE as a PNG. `--summarize=JSONL` redoes the table and plot from earlier lines.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -33,31 +34,29 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import digit_judge  # noqa: E402
+
 # name: config fields of the sampler (ncsn_tf.config.presets.SamplingConfig).
 SETTINGS = {
     "ald": dict(sampler="ald"),  # the paper's: T = 5 on all 49 levels
-    "ald_T1": dict(sampler="ald", n_steps_each=1, step_lr=2.45e-5),  # ε of Technique 4, T = 1
-    "cas_N49": dict(sampler="cas", num_steps=49, step_lr=5e-5),  # η = 0.5
+    "dpm_N12": dict(sampler="dpm", num_steps=12),  # dpm's default (η 1.5, s_noise 0.8)
+    "pc_N49": dict(sampler="pc", num_steps=49),  # pc's default on the digits preset
+    "heun_N18": dict(sampler="heun", num_steps=18, churn=10.0, s_noise=0.8),
+    "heun_N25": dict(sampler="heun", num_steps=25, churn=10.0, s_noise=0.8),
+    "heun_N12": dict(sampler="heun", num_steps=12, churn=10.0, s_noise=0.8),
+    "heun_N6": dict(sampler="heun", num_steps=6, churn=10.0, s_noise=0.8),
+    "heun_N18_s1": dict(sampler="heun", num_steps=18, churn=10.0, s_noise=1.0),
+    "heun_N18_ode": dict(sampler="heun", num_steps=18, churn=0.0),  # the probability-flow ODE
+    "dpm_N6": dict(sampler="dpm", num_steps=6),
+    "dpm_N8": dict(sampler="dpm", num_steps=8),
+    "dpm_N25": dict(sampler="dpm", num_steps=25),
+    "dpm_N12_ode": dict(sampler="dpm", num_steps=12, eta=0.0),  # DPM-Solver++(2M) itself
+    "dpm_N12_eta1_s1": dict(sampler="dpm", num_steps=12, eta=1.0, s_noise=1.0),
     "pc_N6": dict(sampler="pc", num_steps=6),
     "pc_N12": dict(sampler="pc", num_steps=12),
     "pc_N25": dict(sampler="pc", num_steps=25),
-    "pc_N49": dict(sampler="pc", num_steps=49),  # pc's default on the digits preset
-    "heun_N6_churn": dict(sampler="heun", num_steps=6, churn=10.0),
-    "heun_N12": dict(sampler="heun", num_steps=12),  # the probability-flow ODE
-    "heun_N12_churn": dict(sampler="heun", num_steps=12, churn=10.0),
-    "heun_N25_churn": dict(sampler="heun", num_steps=25, churn=10.0),
-    "heun_N18_churn40": dict(sampler="heun", num_steps=18, churn=40.0),
-    "dpm_N12_ode": dict(sampler="dpm", num_steps=12, eta=0.0),  # DPM-Solver++(2M) itself
-    "dpm_N12_eta1_s1": dict(sampler="dpm", num_steps=12, eta=1.0, s_noise=1.0),
-    "dpm_N6": dict(sampler="dpm", num_steps=6),  # dpm's defaults (η 1.5, s_noise 0.8) at N
-    "dpm_N8": dict(sampler="dpm", num_steps=8),
-    "dpm_N12": dict(sampler="dpm", num_steps=12),  # dpm's default
-    "dpm_N25": dict(sampler="dpm", num_steps=25),
-    "dpm_N6_eta5": dict(sampler="dpm", num_steps=6, eta=5.0),
-    "dpm_N8_eta5": dict(sampler="dpm", num_steps=8, eta=5.0),
-    "dpm_N12_eta5": dict(sampler="dpm", num_steps=12, eta=5.0),
-    "dpm_N25_eta5": dict(sampler="dpm", num_steps=25, eta=5.0),
-    "dpm_N12_eta5_s0.85": dict(sampler="dpm", num_steps=12, eta=5.0, s_noise=0.85),
+    "cas_N49": dict(sampler="cas", num_steps=49, step_lr=5e-5),  # η = 0.5
+    "ald_T1": dict(sampler="ald", n_steps_each=1, step_lr=2.45e-5),  # ε of Technique 4, T = 1
 }
 METRICS = ("frechet_distance", "kid", "precision", "recall", "broken_rate", "noisy_rate",
            "confidence")
@@ -86,6 +85,16 @@ def samples(workdir: str, fields: dict, first_seed: int, num_samples: int, path:
     return out, sampler.nfe(), rate
 
 
+def save_broken_grid(judge, images: np.ndarray, path: str, n: int = 32) -> int:
+    """A grid of the images the judge calls "not a digit" (the first `n`), to see what the
+    broken count counts; returns how many there are (no file when none)."""
+    from ncsn_tf.images import save_image_grid
+    broken = np.flatnonzero(judge(images)[1].argmax(axis=1) == digit_judge.NOT_A_DIGIT)
+    if len(broken):
+        save_image_grid(digit_judge.as_float(images)[broken[:n]], path, ncol=8)
+    return len(broken)
+
+
 def within_reference(row: dict, reference: dict) -> bool:
     """Whether a setting is nowhere worse than the reference sampler beyond the reference's
     bootstrap 95% interval on the same model: Fréchet distance at most its upper end,
@@ -95,13 +104,24 @@ def within_reference(row: dict, reference: dict) -> bool:
             and row["recall"] >= reference["recall_ci"][0])
 
 
+def more_broken_p(broken: int, total: int, ref_broken: int, ref_total: int) -> float:
+    """One-sided p-value that a setting breaks images more often than the reference: given
+    the k + k_ref broken images of both, the chance that at least k of them fall on the
+    setting if both had the same rate (the conditional binomial test of two Poisson counts)."""
+    n, share = broken + ref_broken, total / (total + ref_total)
+    return float(sum(math.comb(n, j) * share ** j * (1 - share) ** (n - j)
+                     for j in range(broken, n + 1)))
+
+
 def table(rows: list[dict], reference: str = "ald") -> str:
     """Markdown: one row per setting, mean ± sd over the models; broken samples counted over
-    all of them; on how many models the setting is within the reference's intervals."""
+    all of them, and whether more often than the reference's on the same models (one-sided
+    p < 0.05); on how many models the setting is within the reference's intervals."""
     refs = {r["model"]: r for r in rows if r["setting"] == reference}
     lines = ["| sampler | NFE | models | Fréchet distance | KID | precision | recall | "
-             f"broken (of all samples) | within {reference}'s 95% interval or better |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"broken (of all samples) | more broken than {reference} (p) | "
+             f"within {reference}'s 95% interval or better |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name in dict.fromkeys(r["setting"] for r in rows):
         group = [r for r in rows if r["setting"] == name]
 
@@ -110,12 +130,18 @@ def table(rows: list[dict], reference: str = "ald") -> str:
             sd = v.std(ddof=1) if len(v) > 1 else 0.0
             return f"{v.mean():.{digits}f} ± {sd:.{digits}f}"
 
-        broken = sum(round(r["broken_rate"] * r["num_samples"]) for r in group)
-        total = sum(r["num_samples"] for r in group)
+        def broken(group):
+            return (sum(round(r["broken_rate"] * r["num_samples"]) for r in group),
+                    sum(r["num_samples"] for r in group))
+
+        k, total = broken(group)
+        ref_k, ref_total = broken([refs[r["model"]] for r in group if r["model"] in refs])
+        p = more_broken_p(k, total, ref_k, ref_total) if ref_total else float("nan")
         inside = sum(within_reference(r, refs[r["model"]]) for r in group if r["model"] in refs)
         lines.append(f"| {name} | {group[0]['nfe']} | {len(group)} | {stat('frechet_distance')}"
                      f" | {stat('kid')} | {stat('precision', 3)} | {stat('recall', 3)} | "
-                     f"{broken}/{total} ({100 * broken / total:.2f}%) | {inside} of "
+                     f"{k}/{total} ({100 * k / total:.2f}%) | "
+                     f"{'yes' if p < 0.05 else 'no'} ({p:.2g}) | {inside} of "
                      f"{len(group)} models |")
     return "\n".join(lines)
 
@@ -189,7 +215,6 @@ def main(argv=None) -> None:
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:
         parser.error(f"unknown settings {unknown}; expected among {list(SETTINGS)}")
-    import digit_judge
     judge = digit_judge.train_judge()
     rows = []
     for name in names:
@@ -199,6 +224,7 @@ def main(argv=None) -> None:
                                         args.num_samples, path)
             score = judge.score(images, bootstrap=args.bootstrap)
             digit_judge.save_worst_grid(judge, images, path[:-4] + "_worst.png")
+            save_broken_grid(judge, images, path[:-4] + "_broken.png")
             row = {"setting": name, **SETTINGS[name], "model": i, "workdir": workdir,
                    "nfe": nfe, "samples_per_s": rate, "samples": path, **score}
             rows.append(row)

@@ -248,12 +248,13 @@ def _check_sampler_supports(f, config: presets.Config) -> None:
     if cls is None or cls.stochastic_with(config.sampling):
         return  # config validation names the choices
     if f.inpaint:
-        raise app.UsageError(f"the {name} sampler cannot inpaint: with these settings it is "
-                             "deterministic, and inpainting re-noises the known pixels at "
-                             "every step; use ald, cas, pc or dpm with --eta > 0")
+        raise app.UsageError(f"the {name} sampler cannot inpaint with these settings: "
+                             "inpainting re-noises the known pixels at every level, which "
+                             "only ald, cas, pc and dpm with --eta > 0 follow")
     if f.interpolate:
-        raise app.UsageError(f"the {name} sampler cannot interpolate: with these settings it "
-                             "draws no noise to blend; use ald, cas, pc or dpm with --eta > 0")
+        raise app.UsageError(f"the {name} sampler cannot interpolate with these settings: "
+                             "its chains do not follow the per-level noise that interpolation "
+                             "blends; use ald, cas, pc or dpm with --eta > 0")
 
 
 def _sample(f) -> None:

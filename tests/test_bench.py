@@ -314,6 +314,16 @@ def test_summary_table_of_the_comparison():
             "means ± its standard error, +2.0 se)") in table
 
 
+def test_more_broken_than_the_reference_is_a_conditional_binomial_test():
+    """Equal totals: given n broken images in all, the setting's count is Binomial(n, 1/2)
+    if both rates are equal; twice the total halves the reference's share."""
+    assert sampler_quality.more_broken_p(0, 6000, 7, 6000) == 1.0
+    assert sampler_quality.more_broken_p(7, 6000, 0, 6000) == pytest.approx(0.5 ** 7)
+    assert sampler_quality.more_broken_p(3, 100, 3, 100) == pytest.approx(42 / 64)
+    assert sampler_quality.more_broken_p(2, 200, 1, 100) == pytest.approx(
+        (2 / 3) ** 3 + 3 * (2 / 3) ** 2 / 3)
+
+
 def test_sampler_quality_bench_on_tiny_models(tmp_path, judge, capsys, monkeypatch):
     from ncsn_tf import models
     from ncsn_tf.training import checkpoints
@@ -337,8 +347,11 @@ def test_sampler_quality_bench_on_tiny_models(tmp_path, judge, capsys, monkeypat
         ("ald", 0, 4), ("ald", 1, 4), ("heun_N2", 0, 3), ("heun_N2", 1, 3)]
     assert all(np.isfinite(r["frechet_distance"]) and r["samples_per_s"] > 0 for r in rows)
     assert os.path.exists(os.path.join(out, "model1", "heun_N2_worst.png"))
+    broken = sum(round(r["broken_rate"] * r["num_samples"]) for r in rows if r["model"] == 1
+                 and r["setting"] == "heun_N2")
+    assert os.path.exists(os.path.join(out, "model1", "heun_N2_broken.png")) == (broken > 0)
     table = capsys.readouterr().out
-    assert "| heun_N2 | 3 | 2 |" in table
+    assert "| heun_N2 | 3 | 2 |" in table and "| more broken than ald (p) |" in table
     # Model 1 draws seeds 20…39; a rerun reuses the saved samples and only scores them.
     assert np.load(os.path.join(out, "model1", "ald.npz"))["seeds"][0] == 20
     sampler_quality.main(argv)

@@ -620,6 +620,7 @@ def test_checkpoint_models_sample_with_the_chosen_sampler(tmp_path):
     model = evaluation.load_checkpoint_model(workdir, {"sampler": "pc", "num_steps": 2})
     assert (model.sampler["sampler"], model.sampler["num_steps"], model.sampler["nfe"]) == (
         "pc", 2, 4)
+    assert model.sampler["snr"] == config.sampling.snr and "step_lr" not in model.sampler
     pc = sampling.for_network(net, presets.override(config, sampler="pc", num_steps=2))
     seeds = np.array([4, 7], np.int64)
     np.testing.assert_array_equal(model.sample_fn(seeds),

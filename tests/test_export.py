@@ -407,13 +407,14 @@ def test_data_init_is_refused_unless_turned_off(net, tmp_path):
 
 
 def test_export_with_a_fast_sampler(net, tmp_path):
-    """--sampler=heun: serving_default runs the ODE sampler (as the library does, and as
-    recorded with its NFE); inpaint falls back to ald, which can inpaint."""
-    config = presets.override(CONFIG, sampler="heun", num_steps=3)
+    """--sampler=heun: serving_default runs heun (as the library does, and as recorded with
+    its NFE and settings); inpaint falls back to ald, which can inpaint."""
+    config = presets.override(CONFIG, sampler="heun", num_steps=3, churn=5.0, s_noise=0.9)
     path = serving.export(net, config, STEP, str(tmp_path), "fast", limits=LIMITS)
     meta = serving.read_metadata(path)
     assert meta["sampler"]["name"] == "heun" and meta["sampler"]["nfe"] == 5
     assert meta["sampler"]["num_steps"] == 3 and meta["sampler"]["inpaint"] == "ald"
+    assert (meta["sampler"]["churn"], meta["sampler"]["s_noise"]) == (5.0, 0.9)
     loaded = tf.saved_model.load(path)
     images = loaded.signatures["serving_default"](seed=_seeds(3, 4))["images"]
     heun = sampling.for_network(net, config)

@@ -130,6 +130,27 @@ def test_pc_predictor_keeps_the_noise_at_the_next_level_however_far_apart():
     np.testing.assert_allclose(noise_after_each_level(sampler, MU), sigmas[1:], rtol=0.02)
 
 
+@pytest.mark.parametrize("s_noise", [1.0, 0.8])
+def test_heun_churn_noise_for_data_at_a_point(s_noise):
+    """Data at a point, the exact score: churn adds s_noise·√(σ̂² − σ_i²)·z, σ̂ = σ_i·(1 + γ)
+    (capped at σ_0), and the Heun step scales x − μ by σ_(i+1)/σ̂: noise v_i before level i
+    leaves v_(i+1) = σ_(i+1)·√(v_i² + s_noise²·(σ̂² − σ_i²))/σ̂, exactly σ_(i+1) at
+    s_noise = 1 (Karras' Algorithm 2), less below 1 (a lower temperature)."""
+    sampler = HeunODE(gaussian_score(s2=0.0), 3.0, 0.3, (4096,), num_steps=5, churn=2.0,
+                      s_noise=s_noise, clip=False)
+    sigmas = sampler.sigmas.numpy().astype(np.float64)
+    hat = np.minimum(sigmas[:-1] * 1.4, sigmas[0])  # γ = churn/N = 0.4
+    expected, v = [], sigmas[0]
+    for sigma, sigma_hat, following in zip(sigmas[:-1], hat, sigmas[1:]):
+        v = following * np.sqrt(v ** 2 + s_noise ** 2 * (sigma_hat ** 2 - sigma ** 2)) / sigma_hat
+        expected.append(v)
+    np.testing.assert_allclose(noise_after_each_level(sampler, MU), expected, rtol=0.02)
+    if s_noise == 1.0:
+        np.testing.assert_allclose(expected, sigmas[1:], rtol=1e-12)
+    else:
+        assert np.all(np.array(expected[1:]) < 0.97 * sigmas[2:])
+
+
 @pytest.mark.parametrize("eta", [0.5, 1.0, 3.0])
 def test_dpm_keeps_the_noise_at_the_next_level_and_ends_on_the_point(eta):
     """For any η the SDE step keeps the noise of x at σ_(i+1) for data at a point and the
@@ -279,7 +300,7 @@ def test_for_network_builds_the_configured_sampler():
                               step_lr=5e-5)  # η = 0.5, what cas needs on 12 levels
     keras.utils.set_random_seed(0)
     net = models.build(config)
-    expected = {"ald": 6 * 2 + 1, "cas": 12 + 1, "pc": 6 * 2, "heun": 2 * 18 - 1, "dpm": 12}
+    expected = {"ald": 6 * 2 + 1, "cas": 12 + 1, "pc": 6 * 2, "heun": 2 * 25 - 1, "dpm": 12}
     for name, cls in SAMPLERS.items():
         sampler = sampling.for_network(net, presets.override(config, sampler=name))
         assert isinstance(sampler, cls) and sampler.nfe() == expected[name], name

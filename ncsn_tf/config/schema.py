@@ -167,11 +167,12 @@ class SamplingConfig:
                                "2 (r |z| / |score|)^2.", min=0, min_open=True)
     rho: float = setting(7.0, "heun, dpm: spacing of the sigma schedule (7 as Karras et al.; "
                               "larger = denser near sigma_L).", min=0, min_open=True)
-    churn: float = setting(0.0, "heun: stochastic churn S_churn (0: the deterministic ODE).",
-                           min=0)
+    churn: float = setting(10.0, "heun: stochastic churn S_churn of Karras et al. (gamma = "
+                                 "min(churn/N, sqrt(2) - 1) more noise before each step; 0: the "
+                                 "deterministic probability-flow ODE, see the README).", min=0)
     eta: float = setting(1.5, "dpm: noise of the SDE solver, eta (0: the deterministic "
                               "probability-flow ODE).", min=0)
-    s_noise: float = setting(0.8, "dpm: scale of the injected noise (below 1: lower "
+    s_noise: float = setting(0.8, "heun, dpm: scale of the injected noise (below 1: lower "
                                   "temperature, higher precision, lower recall).", min=0)
 
 

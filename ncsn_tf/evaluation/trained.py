@@ -106,12 +106,8 @@ def load_saved_model(export_dir: str, *, n_steps_each: int | None = None,
 
 def _sampler_settings(config: presets.Config) -> dict[str, Any]:
     s = config.sampling
-    settings = dict(sampler=s.sampler, n_steps_each=s.n_steps_each, step_lr=s.step_lr,
-                    denoise=s.denoise, num_scales=config.model.num_scales,
-                    data_init=s.data_init)
-    if s.sampler != "ald":
-        settings["num_steps"] = sampling.num_steps(config)
-    return settings
+    return dict(sampler=s.sampler, **sampling.settings(config), denoise=s.denoise,
+                num_scales=config.model.num_scales, data_init=s.data_init)
 
 
 def generate_samples(sample_fn: SampleFn, num_samples: int, batch_size: int, *,

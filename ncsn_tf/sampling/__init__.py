@@ -6,7 +6,7 @@ inpainting, interpolation, trajectories) and one small module per update rule.
 | `ald`  | ald    | annealed Langevin dynamics (NCSNv2 Algorithm 1)        | L·T (+1 denoise)  |
 | `cas`  | cas    | consistent annealed sampling                           | N (+1 denoise)    |
 | `pc`   | pc     | VE-SDE ancestral predictor + Langevin corrector        | N·(M + 1)         |
-| `heun` | heun   | probability-flow ODE, Heun's method, ρ-spaced σ        | 2N − 1            |
+| `heun` | heun   | Heun's method with Karras' churn, ρ-spaced σ           | 2N − 1            |
 | `dpm`  | dpm    | second-order multistep SDE solver on the denoiser      | N                 |
 
 `for_network(net, config)` builds the sampler that `config.sampling` names for an NCSNv2
@@ -26,8 +26,9 @@ from ncsn_tf.sampling.pc import PredictorCorrector
 SAMPLERS = {cls.name: cls for cls in (AnnealedLangevin, ConsistentAnnealed, PredictorCorrector,
                                       HeunODE, DPMSolver)}
 # num_steps when the config says 0: CAS matches ALD's NFE; PC takes one corrector step per
-# level of the table; Heun takes Karras et al.'s CIFAR-10 setting (35 NFE).
-DEFAULT_NUM_STEPS = {"cas": lambda L, T: L * T, "pc": lambda L, T: L, "heun": lambda L, T: 18,
+# level of the table; Heun 25 levels (49 NFE: on the digits models 18 gave more malformed
+# digits and a lower precision, bench/results/samplers_digits.md).
+DEFAULT_NUM_STEPS = {"cas": lambda L, T: L * T, "pc": lambda L, T: L, "heun": lambda L, T: 25,
                      "dpm": lambda L, T: 12}
 
 
@@ -52,15 +53,25 @@ def for_network(net, config: presets.Config, **options) -> Sampler:
                                             net.sigmas, config, **options)
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
     table = net.sigmas.numpy()
-    common = dict(num_steps=num_steps(config), denoise=s.denoise, **options)
-    settings = {"cas": dict(step_lr=s.step_lr),
-                "pc": dict(corrector_steps=s.corrector_steps, snr=s.snr),
-                "heun": dict(rho=s.rho, churn=s.churn),
-                "dpm": dict(rho=s.rho, eta=s.eta, s_noise=s.s_noise)}[s.sampler]
     return SAMPLERS[s.sampler](net.score, float(table[0]), float(table[-1]), shape,
-                               **common, **settings)
+                               denoise=s.denoise, **settings(config), **options)
+
+
+# The config fields each rule takes (beside `denoise`); ald's come from `from_config`.
+SETTINGS = {"ald": ("n_steps_each", "step_lr"), "cas": ("num_steps", "step_lr"),
+            "pc": ("num_steps", "corrector_steps", "snr"), "heun": ("num_steps", "rho", "churn",
+                                                                    "s_noise"),
+            "dpm": ("num_steps", "rho", "eta", "s_noise")}
+
+
+def settings(config: presets.Config) -> dict:
+    """The settings of the configured sampler, by name (num_steps resolved from its default)."""
+    s = config.sampling
+    return {name: num_steps(config) if name == "num_steps" else getattr(s, name)
+            for name in SETTINGS[s.sampler]}
 
 
 __all__ = ["AnnealedLangevin", "ConsistentAnnealed", "DEFAULT_NUM_STEPS", "DIAGNOSTICS",
-           "DPMSolver", "HeunODE", "PredictorCorrector", "SAMPLERS", "Sampler", "ScoreFn",
-           "for_network", "karras_sigmas", "num_steps", "write_diagnostics"]
+           "DPMSolver", "HeunODE", "PredictorCorrector", "SAMPLERS", "SETTINGS", "Sampler",
+           "ScoreFn", "for_network", "karras_sigmas", "num_steps", "settings",
+           "write_diagnostics"]

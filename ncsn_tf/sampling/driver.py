@@ -195,8 +195,9 @@ class Sampler:
         N(0, I) and chain 0 is exactly `sample(seeds_a)`. "samples" is [N, n_interpolations, ...].
         """
         if not self.stochastic:
-            raise ValueError(f"the {self.name} sampler cannot interpolate: it draws no noise "
-                             "after the first step, so every chain would be the same")
+            raise ValueError(f"the {self.name} sampler cannot interpolate with these "
+                             "settings: its chains do not follow the per-level noise that "
+                             "interpolation blends; use ald, cas, pc or dpm with eta > 0")
         if n_interpolations < 2:
             raise ValueError(f"n_interpolations must be >= 2, got {n_interpolations}")
         return self._call(functools.partial(self._interpolate_fn, n_interpolations),
@@ -277,9 +278,9 @@ class Sampler:
         set_known = None
         if mask is not None:
             if not self.stochastic:
-                raise ValueError(f"the {self.name} sampler cannot inpaint: it is "
-                                 "deterministic, and inpainting re-noises the known pixels "
-                                 "at every step; use ald, cas or pc")
+                raise ValueError(f"the {self.name} sampler cannot inpaint with these "
+                                 "settings: inpainting re-noises the known pixels at every "
+                                 "level, which only ald, cas, pc and dpm with eta > 0 follow")
             image = self._check_examples(image, seeds, "image")
             set_known = functools.partial(_set_known, image, _check_mask(image, mask) > 0.5,
                                           seeds, self.shape)

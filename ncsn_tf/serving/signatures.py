@@ -103,9 +103,7 @@ class ServingModule(tf.Module):
             "sampler": {"name": self.sampler_name, "nfe": self.nfe,
                         "n_steps_each": sampling_config.n_steps_each,
                         "step_lr": sampling_config.step_lr, "denoise": sampling_config.denoise,
-                        **({} if self.sampler_name == "ald" else
-                           {"num_steps": sampling.num_steps(config)}),
-                        "inpaint": self._inpainter.name},
+                        **sampling.settings(config), "inpaint": self._inpainter.name},
             "bounds": {"max_batch": limits.max_batch,
                        "max_n_steps_each": limits.max_n_steps_each,
                        "max_step_lr": self.max_step_lr},
